@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch.func import functional_call
-from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
+from transformers import BertConfig, BertForSequenceClassification, BertTokenizer
 
 import lgtm
 
@@ -449,8 +449,7 @@ VOCAB += ["##" + c for c in "abcdefghijklmnopqrstuvwxyz0123456789"]
 
 def save_tiny_model(path, vocab=VOCAB, layers=2):
     path.mkdir(parents=True)
-    (path / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    tokenizer = BertTokenizerFast(vocab_file=str(path / "vocab.txt"), do_lower_case=True)
+    tokenizer = BertTokenizer(vocab={token: i for i, token in enumerate(vocab)}, do_lower_case=True)
     torch.manual_seed(0)
     config = BertConfig(vocab_size=len(vocab), hidden_size=16, num_hidden_layers=layers, num_attention_heads=2,
                         intermediate_size=32, max_position_embeddings=64, num_labels=2)
@@ -543,7 +542,7 @@ def test_cli_refuses_an_existing_run_unless_overwrite(cli_env, tmp_path):
 
 def test_cli_stops_on_a_non_finite_loss_and_keeps_the_last_checkpoint(cli_env, tmp_path):
     out = tmp_path / "run"
-    msg = run_main_error(cli(cli_env, out, "--student-lr", "1e38", "--eval-steps", "1", "--max-steps", "6",
+    msg = run_main_error(cli(cli_env, out, "--student-lr", "1e35", "--eval-steps", "1", "--max-steps", "6",
                              method="online"))
     assert "loss is nan" in msg or "loss is inf" in msg
     saved = json.loads((out / "metrics.json").read_text())
@@ -564,7 +563,7 @@ def test_cli_bad_inputs_fail_with_one_clear_message(cli_env, tmp_path, monkeypat
     for fix, expected in [
         (lambda rows: rows[:1] + [rows[1][:2]] + rows[2:], "line 2: malformed row"),
         (lambda rows: rows[:3] + [rows[3][:3] + ["maybe"]] + rows[4:], "label 'maybe' is not in the label set"),
-        (lambda rows: [["index", "premise", "hypothesis", "label"]] + rows[1:], "missing column(s) ['sentence1']"),
+        (lambda rows: [["index", "premise", "hypothesis", "label"]] + rows[1:], "missing column(s) ['sentence1', 'sentence2']"),
     ]:
         with open(cli_env.data / "RTE" / "train.tsv") as f:
             rows = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
@@ -574,6 +573,7 @@ def test_cli_bad_inputs_fail_with_one_clear_message(cli_env, tmp_path, monkeypat
         argv[argv.index("--data-dir") + 1] = str(broken)
         msg = run_main_error(argv)
         assert expected in msg and "train.tsv" in msg, msg
+    write_tsv(broken / "RTE" / "train.tsv", rows)
     (broken / "RTE" / "dev.tsv").unlink()
     argv[argv.index("--data-dir") + 1] = str(broken)
     assert "missing file" in run_main_error(argv) and "dev.tsv" in run_main_error(argv)
