@@ -175,11 +175,9 @@ class Examples:
 
 def check_labels(examples, task, source, labelled):
     """Labels outside the task's label set end the run here, not as a CUDA assert or a wrong metric."""
+    if not labelled:
+        return
     for row, y in enumerate(examples.label):
-        if not labelled:
-            if y != -1:
-                examples.label[row] = -1
-            continue
         ok = math.isfinite(y) if task.is_regression else y in range(len(task.labels))
         if not ok:
             expected = "a finite score" if task.is_regression else f"a label id in 0..{len(task.labels) - 1}"
@@ -203,10 +201,7 @@ def read_glue_tsv(path, task, split):
             raise UserError(f"{path} is empty")
         header, rows, first_line = rows[0], rows[1:], 2
         width = len(header)
-        if task.name == "cola":  # test.tsv: index, sentence
-            text_cols = ("sentence",)
-        else:
-            text_cols = task.tsv_columns
+        text_cols = ("sentence",) if task.name == "cola" else task.tsv_columns  # CoLA's test.tsv has a header
         wanted = list(text_cols) + ([task.tsv_label] if labelled else [task.tsv_id])
         missing = [c for c in wanted if c not in header]
         if missing:
@@ -263,14 +258,14 @@ def load_glue(task, data_dir, splits):
         if (tsv_dir / "train.tsv").is_file():
             return {s: read_glue_tsv(tsv_dir / f"{TSV_NAMES[s]}.tsv", task, s) for s in splits}
         if glob.glob(str(parquet_dir / "train-*.parquet")):
+            import pyarrow as pa
             import pyarrow.parquet as pq
             out = {}
             for s in splits:
                 files = sorted(glob.glob(str(parquet_dir / f"{s}-*.parquet")))
                 if not files:
                     raise UserError(f"missing file {parquet_dir}/{s}-*.parquet (Hub parquet layout)")
-                table = pq.read_table(files[0]) if len(files) == 1 else \
-                    __import__("pyarrow").concat_tables([pq.read_table(f) for f in files])
+                table = pa.concat_tables([pq.read_table(f) for f in files])
                 out[s] = examples_from_columns(table.to_pydict(), task, s, f"{parquet_dir}/{s}-*.parquet")
             return out
         raise UserError(f"no {task.name} data under {data_dir}: expected {tsv_dir}/train.tsv (GLUE TSV layout) "
@@ -730,27 +725,29 @@ def distill(method, teacher, student, tokenizer, train_loader, feedback_loader, 
                   make_optimizer(student, args.student_lr, args.weight_decay, total, args.warmup_ratio))
     feedback = forever(feedback_loader) if feedback_loader is not None else None
     bar = tqdm(total=total, desc=method, dynamic_ncols=True)
-    started, seen = time.perf_counter(), 0
+    train_seconds, seen = 0.0, 0  # training time alone: evaluation and checkpoints excluded
     for step, batch in zip(range(1, total + 1), forever(train_loader)):
+        started = time.perf_counter()
         batch = {k: t.to(device, non_blocking=True) for k, t in batch.items()}
         feedback_batch = {k: t.to(device, non_blocking=True) for k, t in next(feedback).items()} if feedback else None
         record = {"step": step, "lr_student": optimizers[1][0].param_groups[0]["lr"]}
         out = train_step(method, teacher, student, optimizers, batch, feedback_batch, args, step,
                          log_ratio=step % args.logging_steps == 0)
+        record.update({k: v.item() for k, v in out.items() if k != "w"})  # .item() waits for the GPU
+        train_seconds += time.perf_counter() - started
         seen += len(batch["labels"])
-        record.update({k: v.item() for k, v in out.items() if k != "w"})
         if "w" in out:  # per-sample influences, with the train rows they belong to (figures 3 and 4)
             record["row"] = batch["row"].tolist()
             record["w"] = out["w"].tolist()
         run.write_step(record)
         bar.update()
-        bar.set_postfix(loss_s=f"{record['student_loss']:.4f}", samples_s=f"{seen / (time.perf_counter() - started):.1f}",
+        bar.set_postfix(loss_s=f"{record['student_loss']:.4f}", samples_s=f"{seen / train_seconds:.1f}",
                         **({"loss_t": f"{record['teacher_loss']:.4f}"} if "teacher_loss" in record else {}))
         if step % eval_every == 0 or step == total:
             entry = {"step": step, "epoch": round(step / len(train_loader), 3),
                      "student": evaluate(student, dev_loaders, task, device),
                      "teacher": evaluate(teacher, dev_loaders, task, device),
-                     "samples_per_s": seen / (time.perf_counter() - started)}
+                     "train_steps_per_s": step / train_seconds}
             run.metrics["history"].append(entry)
             best = run.metrics["best"]
             if best is None or entry["student"]["score"] > best["student"]["score"]:
@@ -763,7 +760,7 @@ def distill(method, teacher, student, tokenizer, train_loader, feedback_loader, 
     teacher.save_pretrained(run.dir / "teacher")  # the final teacher, for inspection (the paper reports it too)
     tokenizer.save_pretrained(run.dir / "teacher")
     run.metrics["steps"] = total
-    run.metrics["steps_per_s"] = total / (time.perf_counter() - started)
+    run.metrics["train_steps_per_s"] = total / train_seconds
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -805,12 +802,11 @@ def run_experiment(args):
     if uses_feedback and args.feedback_split:
         train, feedback = split_feedback(train, args.feedback_split, args.seed)
         feedback_source = f"{len(feedback)} examples held out of train (--feedback-split {args.feedback_split})"
-    else:
+    elif uses_feedback:
         feedback = data[task.dev_splits[0]]
         feedback_source = f"the dev set {task.dev_splits[0]} ({len(feedback)} examples), as in the paper: " \
                           f"dev numbers are then not held out"
     prepare_output_dir(args.output_dir, args.overwrite)
-    run = Run(args.output_dir, args)
     tokenizer = load_tokenizer(args)
     encode = lambda ex: tokenize(ex, tokenizer, args.max_seq_length)
     pad = tokenizer.pad_token_id or 0
@@ -818,7 +814,8 @@ def run_experiment(args):
     for f, row in zip(train_features, train.index):
         f["row"] = row  # its line in the train file, so that logged influences name their sample
     train_loader = make_loader(train_features, args.batch_size, pad, shuffle=True, seed=args.seed)
-    feedback_loader = make_loader(encode(feedback), args.batch_size, pad, True, args.seed + 1) if uses_feedback else None
+    feedback_loader = make_loader(encode(feedback), args.batch_size, pad, True, args.seed + 1) if uses_feedback \
+        else None
     dev_loaders = {s: (make_loader(encode(data[s]), args.eval_batch_size, pad, False), data[s].label)
                    for s in task.dev_splits}
 
@@ -827,6 +824,7 @@ def run_experiment(args):
     teacher = load_model(args.teacher, "--teacher", num_labels).to(device)
     student = load_model(args.student, "--student", num_labels, args.student_layers,
                          "eager" if args.influence == "exact" else "sdpa").to(device)
+    run = Run(args.output_dir, args)
     run.note(f"task {task.name}: {len(train)} training examples, method {args.method}"
              + (f", influence {args.influence}, look-ahead {args.lookahead}" if uses_feedback else "")
              + f", device {device}")
@@ -853,7 +851,7 @@ def run_experiment(args):
                         f"Try a lower learning rate.") from None
     except KeyboardInterrupt:
         run.save(status="interrupted")
-        raise
+        raise UserError(f"interrupted: {args.output_dir} keeps metrics.json and the best student so far") from None
     finally:
         run.log.close()
     if args.predict:

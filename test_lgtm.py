@@ -600,3 +600,20 @@ def test_cli_bad_inputs_fail_with_one_clear_message(cli_env, tmp_path, monkeypat
     argv[argv.index("--teacher") + 1] = "bert-base-uncased"
     msg = run_main_error(argv)
     assert "Hugging Face Hub" in msg and "--teacher /path/to/model" in msg
+
+
+def test_cli_interrupted_run_keeps_what_it_wrote(cli_env, tmp_path, monkeypatch):
+    real_step = lgtm.train_step
+
+    def interrupt_at_step_3(*args, **kwargs):
+        if args[7] == 3:
+            raise KeyboardInterrupt
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(lgtm, "train_step", interrupt_at_step_3)
+    out = tmp_path / "run"
+    assert "interrupted" in run_main_error(cli(cli_env, out))
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["status"] == "interrupted" and [h["step"] for h in saved["history"]] == [2]
+    assert (out / "student" / "config.json").is_file()
+    assert len((out / "train_log.jsonl").read_text().splitlines()) == 2
