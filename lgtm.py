@@ -473,7 +473,8 @@ def influence_fd(student, v, inputs, t_logits, distill, radius=0.01):
     gives grad_θt w_i. Dropout is off in both passes (with two masks the difference is noise), and θs is never
     written: the perturbed weights are new tensors."""
     names, params = zip(*student.named_parameters())
-    eps = radius / torch.linalg.vector_norm(torch.stack(torch._foreach_norm(v))).item()
+    v_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(v))).item()
+    eps = radius / max(v_norm, 1e-30)  # v = 0 gives w = 0, not NaN
     with torch.no_grad(), dropout_off(student):
         plus = functional_call(student, dict(zip(names, torch._foreach_add(params, v, alpha=eps))),
                                args=(), kwargs=inputs).logits
