@@ -311,6 +311,10 @@ def model_inputs(batch):
     return {k: batch[k] for k in ("input_ids", "token_type_ids", "attention_mask") if k in batch}
 
 
+def to_device(batch, device):
+    return {k: t.to(device, non_blocking=True) for k, t in batch.items()}
+
+
 def make_loader(features, batch_size, pad_token_id, shuffle, seed=0):
     return torch.utils.data.DataLoader(
         features, batch_size=batch_size, shuffle=shuffle, collate_fn=lambda f: collate(f, pad_token_id),
@@ -592,7 +596,7 @@ def train_step(method, teacher, student, optimizers, batch, feedback_batch, args
 @torch.no_grad()
 def predict(model, loader, device):
     with dropout_off(model):
-        logits = [model(**model_inputs({k: t.to(device) for k, t in b.items()})).logits.float().cpu()
+        logits = [model(**model_inputs(to_device(b, device))).logits.float().cpu()
                   for b in loader]
     return torch.cat(logits).numpy()
 
@@ -664,7 +668,7 @@ def finetune_teacher(teacher, train_loader, dev_loaders, task, args, device, run
     teacher.train()
     bar = tqdm(total=total, desc="stage 1: fine-tune teacher", dynamic_ncols=True)
     for step, batch in zip(range(1, total + 1), forever(train_loader)):
-        batch = {k: t.to(device) for k, t in batch.items()}
+        batch = to_device(batch, device)
         loss = ground_truth_loss(teacher(**model_inputs(batch)).logits, batch["labels"]).mean()
         check_finite(loss, "teacher fine-tuning", step)
         opt.zero_grad(set_to_none=True)
@@ -729,8 +733,8 @@ def distill(method, teacher, student, tokenizer, train_loader, feedback_loader, 
     train_seconds, seen = 0.0, 0  # training time alone: evaluation and checkpoints excluded
     for step, batch in zip(range(1, total + 1), forever(train_loader)):
         started = time.perf_counter()
-        batch = {k: t.to(device, non_blocking=True) for k, t in batch.items()}
-        feedback_batch = {k: t.to(device, non_blocking=True) for k, t in next(feedback).items()} if feedback else None
+        batch = to_device(batch, device)
+        feedback_batch = to_device(next(feedback), device) if feedback else None
         record = {"step": step, "lr_student": optimizers[1][0].param_groups[0]["lr"]}
         out = train_step(method, teacher, student, optimizers, batch, feedback_batch, args, step,
                          log_ratio=step % args.logging_steps == 0)
