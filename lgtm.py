@@ -31,7 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.func import functional_call, jvp
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 METHODS = ("kd", "online", "meta", "lgtm")
 
@@ -63,6 +63,10 @@ def parse_args(argv=None):
     g.add_argument("--student-layers", type=int, help="keep only the first N transformer layers of the student "
                    "checkpoint (so one checkpoint can serve as teacher and as a smaller student)")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    g.add_argument("--bf16", action=argparse.BooleanOptionalAction, help="bf16 autocast over fp32 master weights "
+                   "(default: on where the GPU supports bf16, off on CPU). The influence passes always run in fp32")
+    g.add_argument("--tf32", action=argparse.BooleanOptionalAction, help="TF32 matmuls for fp32 work on CUDA "
+                   "(default: on with CUDA). The influence passes always run in full fp32")
     g = p.add_argument_group("method")
     g.add_argument("--method", choices=METHODS, default="lgtm", help="kd: vanilla two-stage distillation; "
                    "online: teacher and student trained together (eq. 3-4); meta: Meta Distill, the fine-tuned "
@@ -110,6 +114,11 @@ def parse_args(argv=None):
     for name in ("alpha", "student_alpha"):
         if not 0 <= getattr(args, name) <= 1:
             p.error(f"--{name.replace('_', '-')} must be in [0, 1]")
+    on_cuda = torch.device(args.device).type == "cuda" and torch.cuda.is_available()
+    if args.bf16 is None:
+        args.bf16 = on_cuda and torch.cuda.is_bf16_supported()
+    if args.tf32 is None:
+        args.tf32 = on_cuda
     return args
 
 
@@ -378,6 +387,30 @@ def zero_classifier(model):
     last.bias.zero_()
 
 
+def autocast(device, bf16):
+    """Mixed precision for the ordinary passes: bf16 compute, fp32 master weights, no loss scaling needed."""
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16)
+
+
+def upcast(x):
+    """bf16 / fp16 -> fp32 for the losses; fp32 and fp64 stay as they are."""
+    return x.float() if x.dtype in (torch.bfloat16, torch.float16) else x
+
+
+@contextlib.contextmanager
+def full_precision(device):
+    """fp32 without autocast and without TF32, for the influence passes. At r = 0.01 the two perturbed losses of
+    eq. 10 agree in their first 3-5 digits; bf16 (8-bit mantissa) or TF32 (10-bit) rounding of the two passes
+    would be as large as their difference."""
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        with torch.autocast(torch.device(device).type, enabled=False):
+            yield
+    finally:
+        torch.set_float32_matmul_precision(previous)
+
+
 @contextlib.contextmanager
 def dropout_off(model):
     was_training = model.training
@@ -394,7 +427,7 @@ def make_optimizer(model, lr, weight_decay, total_steps, warmup_ratio):
     groups = [{"params": [p for n, p in model.named_parameters() if not n.endswith(no_decay)],
                "weight_decay": weight_decay},
               {"params": [p for n, p in model.named_parameters() if n.endswith(no_decay)], "weight_decay": 0.0}]
-    optimizer = torch.optim.AdamW(groups, lr=lr)
+    optimizer = torch.optim.AdamW(groups, lr=lr, fused=next(model.parameters()).is_cuda)  # one kernel on GPU
     scheduler = get_linear_schedule_with_warmup(optimizer, int(warmup_ratio * total_steps), total_steps)
     return optimizer, scheduler
 
@@ -462,11 +495,12 @@ def lookahead_params(student, grads, optimizer, form="sgd"):
     return new
 
 
-def feedback_gradient(student, params, feedback_batch):
+def feedback_gradient(student, params, feedback_batch, bf16=False):
     """v = grad_θs L_val(θs'; z^e) (Algorithm 1, lines 5-6; eq. 5), and L_val itself."""
     params = {name: p.detach().requires_grad_() for name, p in params.items()}
-    logits = functional_call(student, params, args=(), kwargs=model_inputs(feedback_batch)).logits
-    loss = ground_truth_loss(logits, feedback_batch["labels"]).mean()
+    with autocast(feedback_batch["labels"].device, bf16):
+        logits = functional_call(student, params, args=(), kwargs=model_inputs(feedback_batch)).logits
+    loss = ground_truth_loss(upcast(logits), feedback_batch["labels"]).mean()
     return list(torch.autograd.grad(loss, list(params.values()))), loss.detach()
 
 
@@ -474,17 +508,20 @@ def influence_fd(student, v, inputs, t_logits, distill, radius=0.01):
     """Distillation influence w_i = grad_θs D_i . v by central differences (eq. 10, appendix B):
         w_i ~ [D_i(T, S(θs + eps v)) - D_i(T, S(θs - eps v))] / (2 eps),     eps = radius / ||v||.
     Two student forwards without grad; w keeps its graph to the teacher through t_logits, so backward()
-    gives grad_θt w_i. Dropout is off in both passes (with two masks the difference is noise), and θs is never
-    written: the perturbed weights are new tensors."""
+    gives grad_θt w_i. Dropout is off in both passes (with two masks the difference is noise), θs is never
+    written (the perturbed weights are new tensors), and the passes and the difference run in full fp32
+    whatever the surrounding precision."""
     names, params = zip(*student.named_parameters())
     v_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(v))).item()
     eps = radius / max(v_norm, 1e-30)  # v = 0 gives w = 0, not NaN
-    with torch.no_grad(), dropout_off(student):
-        plus = functional_call(student, dict(zip(names, torch._foreach_add(params, v, alpha=eps))),
-                               args=(), kwargs=inputs).logits
-        minus = functional_call(student, dict(zip(names, torch._foreach_add(params, v, alpha=-eps))),
-                                args=(), kwargs=inputs).logits
-    return (distill(plus, t_logits) - distill(minus, t_logits)) / (2 * eps)
+    with full_precision(params[0].device), dropout_off(student):
+        with torch.no_grad():
+            plus = functional_call(student, dict(zip(names, torch._foreach_add(params, v, alpha=eps))),
+                                   args=(), kwargs=inputs).logits
+            minus = functional_call(student, dict(zip(names, torch._foreach_add(params, v, alpha=-eps))),
+                                    args=(), kwargs=inputs).logits
+        t_logits = upcast(t_logits)
+        return (distill(plus, t_logits) - distill(minus, t_logits)) / (2 * eps)
 
 
 def influence_exact(student, v, inputs, t_logits, distill):
@@ -492,12 +529,12 @@ def influence_exact(student, v, inputs, t_logits, distill):
     derivative ds = J v; then w_i = dD_i/ds_i . ds_i. The teacher enters only through t_logits, so
     grad_θt w_i (the exact mixed second derivative) needs no graph through the student."""
     names, params = zip(*student.named_parameters())
-    with dropout_off(student):
+    with full_precision(params[0].device), dropout_off(student):
         s, ds = jvp(lambda p: functional_call(student, p, args=(), kwargs=inputs).logits,
                     (dict(zip(names, (p.detach() for p in params))),), (dict(zip(names, v)),))
-    s = s.detach().requires_grad_()
-    (dD_ds,) = torch.autograd.grad(distill(s, t_logits).sum(), s, create_graph=True)
-    return (dD_ds * ds.detach()).sum(-1)
+        s = s.detach().requires_grad_()
+        (dD_ds,) = torch.autograd.grad(distill(s, upcast(t_logits)).sum(), s, create_graph=True)
+        return (dD_ds * ds.detach()).sum(-1)
 
 
 def influence_objective(w, student_lr, student_alpha):
@@ -523,6 +560,7 @@ def train_step(method, teacher, student, optimizers, batch, feedback_batch, args
     meta and lgtm, the per-sample influences w_i."""
     (opt_t, sched_t), (opt_s, sched_s) = optimizers
     inputs, labels = model_inputs(batch), batch["labels"]
+    amp = lambda: autocast(labels.device, args.bf16)  # forwards only; losses and backward see fp32 logits
     teacher_learns = method != "kd"
     distill = lambda pred, target: distillation_loss(pred, target, args.distill_loss, args.temperature)
     out = {}
@@ -530,11 +568,12 @@ def train_step(method, teacher, student, optimizers, batch, feedback_batch, args
     # One teacher forward on z^r serves L_aux, the look-ahead and the influence term. A teacher in training
     # runs with dropout; the frozen kd teacher does not.
     teacher.train(teacher_learns)
-    with torch.set_grad_enabled(teacher_learns):
-        t_logits = teacher(**inputs).logits
+    with torch.set_grad_enabled(teacher_learns), amp():
+        t_logits = upcast(teacher(**inputs).logits)
     # One student forward on z^r at θs: its graph serves the look-ahead gradient and the real update (line 9).
     student.train()
-    s_logits = student(**inputs).logits
+    with amp():
+        s_logits = upcast(student(**inputs).logits)
 
     teacher_loss = 0.0
     if method in ("online", "lgtm"):
@@ -544,7 +583,7 @@ def train_step(method, teacher, student, optimizers, batch, feedback_batch, args
         loss_s = student_loss(s_logits, t_logits, labels, args)
         grads = torch.autograd.grad(loss_s, list(student.parameters()), retain_graph=True)
         theta_next = lookahead_params(student, grads, opt_s, args.lookahead)       # lines 3-4
-        v, out["feedback_loss"] = feedback_gradient(student, theta_next, feedback_batch)  # lines 5-6
+        v, out["feedback_loss"] = feedback_gradient(student, theta_next, feedback_batch, args.bf16)  # lines 5-6
         if args.influence == "fd":                                                 # line 7, eq. 10
             w = influence_fd(student, v, inputs, t_logits, distill, args.fd_radius)
         else:
@@ -578,8 +617,8 @@ def train_step(method, teacher, student, optimizers, batch, feedback_batch, args
             p.grad = g
     else:
         if method in ("online", "lgtm"):
-            with torch.no_grad():
-                t_logits = teacher(**inputs).logits
+            with torch.no_grad(), amp():
+                t_logits = upcast(teacher(**inputs).logits)
         loss_s = student_loss(s_logits, t_logits, labels, args)
         check_finite(loss_s, "student", step)
         loss_s.backward()
@@ -594,8 +633,8 @@ def train_step(method, teacher, student, optimizers, batch, feedback_batch, args
 # ----------------------------------------------------------------------------------------------------------
 
 @torch.no_grad()
-def predict(model, loader, device):
-    with dropout_off(model):
+def predict(model, loader, device, bf16=False):
+    with dropout_off(model), autocast(device, bf16):
         logits = [model(**model_inputs(to_device(b, device))).logits.float().cpu()
                   for b in loader]
     return torch.cat(logits).numpy()
@@ -627,12 +666,12 @@ def compute_metrics(task, logits, labels):
     return {m: out[m] for m in task.metrics}
 
 
-def evaluate(model, dev_loaders, task, device):
+def evaluate(model, dev_loaders, task, device, bf16=False):
     """Metrics on each dev split (mnli: matched, then mismatched with an 'mm_' prefix); 'score' is the mean
     of the first split's metrics, as GLUE averages F1 and accuracy, and picks the best checkpoint."""
     out = {}
     for i, (split, (loader, labels)) in enumerate(dev_loaders.items()):
-        metrics = compute_metrics(task, predict(model, loader, device), labels)
+        metrics = compute_metrics(task, predict(model, loader, device, bf16), labels)
         if i == 0:
             out["score"] = float(np.mean(list(metrics.values())))
         out.update({("mm_" if i else "") + k: v for k, v in metrics.items()})
@@ -669,7 +708,9 @@ def finetune_teacher(teacher, train_loader, dev_loaders, task, args, device, run
     bar = tqdm(total=total, desc="stage 1: fine-tune teacher", dynamic_ncols=True)
     for step, batch in zip(range(1, total + 1), forever(train_loader)):
         batch = to_device(batch, device)
-        loss = ground_truth_loss(teacher(**model_inputs(batch)).logits, batch["labels"]).mean()
+        with autocast(device, args.bf16):
+            logits = teacher(**model_inputs(batch)).logits
+        loss = ground_truth_loss(upcast(logits), batch["labels"]).mean()
         check_finite(loss, "teacher fine-tuning", step)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -678,7 +719,7 @@ def finetune_teacher(teacher, train_loader, dev_loaders, task, args, device, run
         bar.update()
         bar.set_postfix(loss=f"{loss.item():.4f}")
     bar.close()
-    metrics = evaluate(teacher, dev_loaders, task, device)
+    metrics = evaluate(teacher, dev_loaders, task, device, args.bf16)
     run.note(f"fine-tuned teacher after {total} steps: {fmt(metrics)}")
     run.metrics["teacher_finetuned"] = metrics
     return teacher
@@ -750,8 +791,8 @@ def distill(method, teacher, student, tokenizer, train_loader, feedback_loader, 
                         **({"loss_t": f"{record['teacher_loss']:.4f}"} if "teacher_loss" in record else {}))
         if step % eval_every == 0 or step == total:
             entry = {"step": step, "epoch": round(step / len(train_loader), 3),
-                     "student": evaluate(student, dev_loaders, task, device),
-                     "teacher": evaluate(teacher, dev_loaders, task, device),
+                     "student": evaluate(student, dev_loaders, task, device, args.bf16),
+                     "teacher": evaluate(teacher, dev_loaders, task, device, args.bf16),
                      "train_steps_per_s": step / train_seconds}
             run.metrics["history"].append(entry)
             best = run.metrics["best"]
@@ -795,6 +836,7 @@ def run_experiment(args):
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda, but torch sees no CUDA device: pass --device cpu")
+    torch.set_float32_matmul_precision("high" if args.tf32 else "highest")
     set_seed(args.seed)
 
     # Data, tokenized once with the (shared) tokenizer.
@@ -832,7 +874,8 @@ def run_experiment(args):
     run = Run(args.output_dir, args)
     run.note(f"task {task.name}: {len(train)} training examples, method {args.method}"
              + (f", influence {args.influence}, look-ahead {args.lookahead}" if uses_feedback else "")
-             + f", device {device}")
+             + f", device {device}, " + ("bf16 autocast" if args.bf16 else "fp32")
+             + (" with TF32 matmuls" if args.tf32 else ""))
     if uses_feedback:
         run.note(f"feedback set z^e: {feedback_source}")
     run.save()

@@ -53,7 +53,7 @@ def random_batch(seed, size=6, length=10, num_labels=NUM_LABELS):
 
 def make_args(**overrides):
     args = dict(distill_loss="ce", temperature=2.0, alpha=0.6, student_alpha=0.3, lookahead="sgd",
-                influence="exact", fd_radius=0.01)
+                influence="exact", fd_radius=0.01, bf16=False)
     args.update(overrides)
     return SimpleNamespace(**args)
 
@@ -149,6 +149,28 @@ def test_fd_error_shrinks_like_eps_squared(setup):
         _, g = influence_and_teacher_grad(lgtm.influence_fd, teacher32, student32, batch, v32, radius=r)
         err32[r] = float((flat(g).double() - flat(g_ref)).norm() / flat(g_ref).norm())
     assert err32[1e-6] > 10 * err32[1e-2], err32
+
+
+def test_influence_passes_keep_full_precision_under_bf16_autocast(setup):
+    """Under bf16 autocast the teacher runs in bf16, but the influence passes stay in fp32: FD still matches the
+    exact influences for the same teacher logits. The same two passes left to autocast lose the difference."""
+    teacher, student, batch, _, v = setup
+    teacher, student, v = teacher.float(), student.float(), [t.float() for t in v]
+    distill = lambda pred, target: lgtm.distillation_loss(pred, target, "ce", 2.0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        t_logits = teacher(**inputs_of(batch)).logits
+        w_fd = lgtm.influence_fd(student, v, inputs_of(batch), t_logits, distill, radius=1e-2)
+        w_exact = lgtm.influence_exact(student, v, inputs_of(batch), t_logits, distill)
+        assert t_logits.dtype == torch.bfloat16 and w_fd.dtype == w_exact.dtype == torch.float32
+        eps = 1e-2 / flat(v).norm()
+        names, params = zip(*student.named_parameters())
+        with torch.no_grad():  # the unguarded passes, for contrast
+            plus, minus = (functional_call(student, {n: p + sign * eps * d for n, p, d in zip(names, params, v)},
+                                           args=(), kwargs=inputs_of(batch)).logits.float() for sign in (1, -1))
+        w_bf16 = (distill(plus, t_logits.float()) - distill(minus, t_logits.float())) / (2 * eps)
+    relative_error = lambda w: float((w - w_exact).norm() / w_exact.norm())
+    assert relative_error(w_fd) < 1e-3
+    assert relative_error(w_bf16) > 30 * relative_error(w_fd), (relative_error(w_bf16), relative_error(w_fd))
 
 
 def test_fd_leaves_student_untouched_and_runs_without_dropout():
@@ -500,7 +522,7 @@ def run_main_error(argv):
 
 @pytest.mark.parametrize("method,extra", [("lgtm", ["--predict"]), ("lgtm", ["--influence", "exact",
                          "--lookahead", "adamw", "--feedback-split", "0.25"]), ("kd", []), ("online", []),
-                         ("meta", ["--distill-loss", "mse"])])
+                         ("meta", ["--distill-loss", "mse"]), ("lgtm", ["--bf16"])])
 def test_cli_end_to_end(cli_env, tmp_path, method, extra):
     out = tmp_path / "run"
     metrics = lgtm.main(cli(cli_env, out, *extra, method=method))
@@ -623,3 +645,32 @@ def test_cli_interrupted_run_keeps_what_it_wrote(cli_env, tmp_path, monkeypatch)
     assert saved["status"] == "interrupted" and [h["step"] for h in saved["history"]] == [2]
     assert (out / "student" / "config.json").is_file()
     assert len((out / "train_log.jsonl").read_text().splitlines()) == 2
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The tutorial: it must run top to bottom, and the committed copy must carry the outputs of such a run
+# ----------------------------------------------------------------------------------------------------------
+
+TUTORIAL = Path(__file__).resolve().parent / "tutorial.ipynb"
+
+
+def test_committed_tutorial_has_the_outputs_of_a_full_run():
+    import nbformat
+    nb = nbformat.read(TUTORIAL, as_version=4)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert [c.execution_count for c in code] == list(range(1, len(code) + 1)), "run it top to bottom, then commit"
+    outputs = [o for c in code for o in c.outputs]
+    assert not [o for o in outputs if o.output_type == "error"]
+    assert sum("image/png" in o.get("data", {}) for o in outputs) >= 6  # every plot of the story
+
+
+@pytest.mark.parametrize("model", ["tiny", "auto"])  # auto: the offline MiniLM where it is installed
+def test_tutorial_runs_top_to_bottom(model, monkeypatch):
+    import nbformat
+    from nbclient import NotebookClient
+    monkeypatch.setenv("LGTM_TUTORIAL_MODEL", model)
+    nb = nbformat.read(TUTORIAL, as_version=4)
+    NotebookClient(nb, timeout=600, kernel_name="python3",
+                   resources={"metadata": {"path": str(TUTORIAL.parent)}}).execute()  # raises on a failing cell
+    printed = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+    assert "cosine(autograd meta-gradient, gradient of -ηs·mean w)  = +1.0000" in printed
