@@ -647,6 +647,19 @@ def test_cli_interrupted_run_keeps_what_it_wrote(cli_env, tmp_path, monkeypatch)
     assert len((out / "train_log.jsonl").read_text().splitlines()) == 2
 
 
+def test_benchmark_times_every_step_and_checks_fd_under_each_precision(capsys):
+    import benchmark
+    benchmark.main(["--size", "small", "--device", "cpu", "--batch-size", "4", "--seq-length", "16", "--steps", "1",
+                    "--warmup", "0", "--precision", "fp32", "bf16"])
+    printed = capsys.readouterr().out
+    for step in ("kd", "online", "meta (fd)", "lgtm (fd)", "lgtm (exact)"):
+        assert printed.count(f" {step} ") == 2, step  # one row per precision
+    agreement = {tuple(line.split()[:-4]): [float(x) for x in line.split()[-4:]]
+                 for line in printed.splitlines() if line.startswith(("fp32 ", "bf16 "))}
+    assert min(agreement[("fp32", "fd")] + agreement[("bf16", "fd")]) > 0.999
+    assert ("bf16", "fd,", "passes", "unguarded") in agreement
+
+
 # ----------------------------------------------------------------------------------------------------------
 # The tutorial: it must run top to bottom, and the committed copy must carry the outputs of such a run
 # ----------------------------------------------------------------------------------------------------------
