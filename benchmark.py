@@ -3,8 +3,9 @@
     python benchmark.py                                   # the paper's size: BERT-base teacher, 6-layer student
     python benchmark.py --size small --device cpu         # a small config that runs on a CPU in a minute
     python benchmark.py --teacher DIR --student DIR --student-layers 3   # real checkpoints (also for agreement)
+    python benchmark.py --compile                         # also time kd and lgtm with torch.compile'd models
 
-Every step runs `lgtm.train_step` on the same models (fresh copies per row) and the same batches. Timing needs no
+Every step runs the step function of its method (lgtm.kd_step, online_step, meta_step, lgtm_step) on the same models (fresh copies per row) and the same batches. Timing needs no
 pretrained weights, so by default the models are random BERTs of the paper's size (batch 32, seq 128). One table
 per precision: median ms/step over --steps after --warmup, samples/s, peak GPU memory, and the cost as a multiple
 of the kd step at the same precision. Then the agreement of FD with exact influences: the correlation of the w_i
@@ -27,8 +28,8 @@ SIZES = {  # (layers, hidden, heads, intermediate) of teacher and student
     "base": ((12, 768, 12, 3072), (6, 768, 12, 3072)),
     "small": ((4, 256, 4, 1024), (2, 256, 4, 1024)),
 }
-# fp32: IEEE fp32 matmuls; tf32: fp32 with TF32 matmuls (CUDA); bf16: bf16 autocast + TF32. Influence passes are
-# always strict fp32 (lgtm.full_precision).
+# fp32: IEEE fp32 matmuls; tf32: fp32 with TF32 matmuls (CUDA; lgtm.py's default there); bf16: bf16 autocast + TF32.
+# Influence passes are always strict fp32 (lgtm.full_precision).
 PRECISIONS = {"fp32": (False, "highest"), "tf32": (False, "high"), "bf16": (True, "high")}
 
 
@@ -46,6 +47,7 @@ def parse_args(argv=None):
     p.add_argument("--precision", nargs="+", choices=PRECISIONS, help="default: fp32 tf32 bf16 on a GPU that "
                    "supports bf16, fp32 on CPU")
     p.add_argument("--agreement-batches", type=int, default=2, help="batches for the FD-vs-exact check; 0: skip")
+    p.add_argument("--compile", action="store_true", help="also time kd and lgtm (fd) with both models compiled")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
     if args.precision is None:
@@ -85,11 +87,15 @@ def random_batch(args, vocab_size, seed):
     return lgtm.to_device(batch, args.device)
 
 
-def step_args(args, precision, influence):
-    bf16, _ = PRECISIONS[precision]
-    out = lgtm.parse_args(["--task", "rte", "--device", args.device, "--bf16" if bf16 else "--no-bf16"])
-    out.distill_loss, out.influence = "ce", "fd" if influence == "-" else influence
-    return out
+def step_function(method, influence, teacher, student, optimizers, bf16):
+    """One step of `method` with the command line's defaults, as f(batch, feedback_batch)."""
+    (t_opt, _), (s_opt, _) = optimizers
+    if method == "kd":
+        return lambda batch, _: lgtm.kd_step(teacher, student, s_opt, batch, bf16=bf16)
+    if method == "online":
+        return lambda batch, _: lgtm.online_step(teacher, student, t_opt, s_opt, batch, bf16=bf16)
+    step = lgtm.meta_step if method == "meta" else lgtm.lgtm_step
+    return lambda batch, fb: step(teacher, student, t_opt, s_opt, batch, fb, influence=influence, bf16=bf16)
 
 
 def sync(device):
@@ -97,22 +103,25 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def time_step(args, models, batches, precision, method, influence):
+def time_step(args, models, batches, precision, method, influence, compiled=False):
     teacher, student, student_eager = models
     teacher = copy.deepcopy(teacher)
     student = copy.deepcopy(student_eager if influence == "exact" else student)
+    if compiled:
+        teacher.compile()
+        student.compile()
     optimizers = (lgtm.make_optimizer(teacher, 3e-5, 0.0, 10_000, 0.0),
                   lgtm.make_optimizer(student, 5e-5, 0.0, 10_000, 0.0))
-    run_args = step_args(args, precision, influence)
+    step = step_function(method, influence, teacher, student, optimizers, PRECISIONS[precision][0])
     cuda = torch.device(args.device).type == "cuda"
     if cuda:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     times = []
-    for step in range(args.warmup + args.steps):
+    for _ in range(args.warmup + args.steps):
         sync(args.device)
         started = time.perf_counter()
-        lgtm.train_step(method, teacher, student, optimizers, batches[0], batches[1], run_args, step)
+        step(batches[0], batches[1])
         sync(args.device)
         times.append(time.perf_counter() - started)
     peak = torch.cuda.max_memory_allocated() / 2 ** 20 if cuda else None
@@ -138,11 +147,10 @@ def unguarded_influence_passes():
 def influence_and_gradient(kind, teacher, student, batch, v, bf16):
     """w_i and grad_θt of the influence objective, all under the given precision (as a trainer that wraps its
     whole step in autocast would run it)."""
-    distill = lambda pred, target: lgtm.distillation_loss(pred, target, "ce", 1.0)
     influence = lgtm.influence_fd if kind == "fd" else lgtm.influence_exact
     with lgtm.autocast(batch["labels"].device, bf16):
         t_logits = teacher(**lgtm.model_inputs(batch)).logits
-        w = influence(student, v, lgtm.model_inputs(batch), t_logits, distill)
+        w = influence(student, v, lgtm.model_inputs(batch), t_logits, lgtm.distillation_loss)
     grads = torch.autograd.grad(lgtm.influence_objective(w, 5e-5, 0.0), list(teacher.parameters()))
     return w.detach().double(), torch.cat([g.flatten().double() for g in grads])
 
@@ -198,16 +206,17 @@ def main(argv=None):
           f"{args.seq_length}; median of {args.steps} steps after {args.warmup} warm-up")
     for precision in args.precision:
         torch.set_float32_matmul_precision(PRECISIONS[precision][1])
-        print(f"\n{precision}:  {'step':14} {'attention':9} {'ms/step':>9} {'samples/s':>10} {'peak MiB':>9} "
+        print(f"\n{precision}:  {'step':24} {'attention':9} {'ms/step':>9} {'samples/s':>10} {'peak MiB':>9} "
               f"{'x kd':>6}")
         kd_seconds = None
-        for method, influence in STEPS:
-            seconds, peak = time_step(args, models, batches, precision, method, influence)
+        rows = [(m, i, False) for m, i in STEPS] + ([("kd", "-", True), ("lgtm", "fd", True)] if args.compile else [])
+        for method, influence, compiled in rows:
+            seconds, peak = time_step(args, models, batches, precision, method, influence, compiled)
             kd_seconds = kd_seconds or seconds
-            name = method if influence == "-" else f"{method} ({influence})"
+            name = (method if influence == "-" else f"{method} ({influence})") + (", compiled" if compiled else "")
             attention = "eager" if influence == "exact" else "sdpa"
             peak_text = f"{peak:9.0f}" if peak is not None else f"{'-':>9}"
-            print(f"{'':7}{name:14} {attention:9} {1000 * seconds:9.1f} {args.batch_size / seconds:10.1f} "
+            print(f"{'':7}{name:24} {attention:9} {1000 * seconds:9.1f} {args.batch_size / seconds:10.1f} "
                   f"{peak_text} {seconds / kd_seconds:6.2f}", flush=True)
         torch.set_float32_matmul_precision("highest")
     if args.agreement_batches:
