@@ -916,40 +916,46 @@ def train_loop(teacher, student, train_loader, feedback_loader, dev_loaders, tas
         (", or bf16 overflow (--precision bf16)" if args.precision == "bf16" else "")
     bar = tqdm(total=total, desc=args.method, dynamic_ncols=True)
     train_seconds, seen, pending, ratios = 0.0, 0, [], []
-    for step, batch in zip(range(1, total + 1), forever(train_loader)):
-        started = time.perf_counter()
-        rows, batch = batch["row"], to_device(batch, device)
-        feedback_batch = to_device(next(feedback), device) if feedback else None
-        logging = step % args.logging_steps == 0 or step % eval_every == 0 or step == total
-        ratio = influence_to_aux_grad_ratio(teacher, student, opt_s, batch, feedback_batch, **ratio_options) \
-            if args.method == "lgtm" and step % args.logging_steps == 0 else None
-        lr_s = opt_s.param_groups[0]["lr"]
-        out = step_fn(batch, feedback_batch)
-        for scheduler in schedulers:
-            scheduler.step()
-        pending.append((step, lr_s, rows, out, ratio))
-        seen += len(rows)
-        if logging:  # one host sync for all the steps since the last read
-            records = []
-            for s, lr, r, o, q in pending:
-                record = {"step": s, "lr_student": lr, **{k: v.item() for k, v in o.items() if k != "w"}}
-                if "w" in o:  # per-sample influences with the rows they belong to (figures 3 and 4)
-                    record.update(row=r.tolist(), w=o["w"].tolist())
-                if q is not None:
-                    record["influence_to_aux_grad_norm"] = q.item()
-                    ratios.append(record["influence_to_aux_grad_norm"])
-                records.append(record)
-            pending = []
-            run.write(records)
-            for r in records:
-                check_finite({k: v for k, v in r.items() if k.endswith("_loss")}, r["step"], causes)
-        train_seconds += time.perf_counter() - started
-        bar.update()
-        if logging:
-            bar.set_postfix(loss_s=f"{records[-1]['student_loss']:.4f}", samples_s=f"{seen / train_seconds:.1f}")
-        if step % eval_every == 0 or step == total:
-            evaluate_both(step, teacher, student, dev_loaders, task, args, device, run,
-                          {"epoch": round(step / len(train_loader), 3), "train_steps_per_s": step / train_seconds})
+
+    def read(pending):  # one wait for the GPU for all the steps since the last read
+        records = []
+        for step, lr, rows, out, ratio in pending:
+            record = {"step": step, "lr_student": lr, **{k: v.item() for k, v in out.items() if k != "w"}}
+            if "w" in out:  # per-sample influences with the rows they belong to (figures 3 and 4)
+                record.update(row=rows.tolist(), w=out["w"].tolist())
+            if ratio is not None:
+                record["influence_to_aux_grad_norm"] = ratio.item()
+                ratios.append(record["influence_to_aux_grad_norm"])
+            records.append(record)
+        return records
+
+    try:
+        for step, batch in zip(range(1, total + 1), forever(train_loader)):
+            started = time.perf_counter()
+            rows, batch = batch["row"], to_device(batch, device)
+            feedback_batch = to_device(next(feedback), device) if feedback else None
+            ratio = influence_to_aux_grad_ratio(teacher, student, opt_s, batch, feedback_batch, **ratio_options) \
+                if args.method == "lgtm" and step % args.logging_steps == 0 else None
+            pending.append((step, opt_s.param_groups[0]["lr"], rows, step_fn(batch, feedback_batch), ratio))
+            for scheduler in schedulers:
+                scheduler.step()
+            seen += len(rows)
+            evaluating = step % eval_every == 0 or step == total
+            if step % args.logging_steps == 0 or evaluating:
+                records, pending = read(pending), []
+                run.write(records)
+                for record in records:
+                    check_finite({k: v for k, v in record.items() if k.endswith("_loss")}, record["step"], causes)
+            train_seconds += time.perf_counter() - started
+            bar.update()
+            if not pending:
+                bar.set_postfix(loss_s=f"{records[-1]['student_loss']:.4f}", samples_s=f"{seen / train_seconds:.1f}")
+            if evaluating:
+                evaluate_both(step, teacher, student, dev_loaders, task, args, device, run,
+                              {"epoch": round(step / len(train_loader), 3), "train_steps_per_s": step / train_seconds})
+    except KeyboardInterrupt:
+        run.write(read(pending))  # the steps finished since the last read
+        raise
     bar.close()
     teacher.save_pretrained(run.dir / "teacher")  # the final teacher, for inspection (the paper reports it too)
     run.tokenizer.save_pretrained(run.dir / "teacher")
@@ -985,9 +991,9 @@ def number(kind, low=None, high=None, low_open=False, high_open=False):
 
 POSITIVE, POSITIVE_INT = number(float, 0, low_open=True), number(int, 0, low_open=True)
 FRACTION, NON_NEGATIVE = number(float, 0, 1), number(float, 0)
-METHOD_DEFAULTS = {  # where the LGTM paper is silent, meta follows MetaDistil's published recipe
+METHOD_DEFAULTS = {  # flag: {method: (value, why)}; where the LGTM paper is silent, meta follows MetaDistil
     "teacher_lr": {"meta": (1e-5, "MetaDistil's teacher learning rate"), None: (3e-5, "appendix D")},
-    "teacher_max_grad_norm": {"meta": (1.0, "MetaDistil's clipping of the teacher"), None: (0.0, "no clipping")},
+    "teacher_max_grad_norm": {"meta": (1.0, "MetaDistil's clipping of the teacher")},
 }
 
 
@@ -1079,8 +1085,8 @@ def parse_args(argv=None):
         p.error("argument --precision: tf32 needs a CUDA device; use fp32 or bf16")
     args.defaults = []  # the method-aware defaults this run took, printed at its start
     for name, table in METHOD_DEFAULTS.items():
-        if getattr(args, name) is None:
-            value, why = table.get(args.method, table[None])
+        if getattr(args, name) is None and (args.method in table or None in table):
+            value, why = table.get(args.method, table.get(None))
             setattr(args, name, value)
             args.defaults.append(f"--{name.replace('_', '-')} {value:g} ({why})")
     return args

@@ -487,6 +487,23 @@ def test_steps_reject_bad_options_with_value_error():
         lgtm.meta_step(teacher, student, t_opt, s_opt, batch, feedback, teacher_max_grad_norm=float("nan"))
 
 
+def test_lgtm_step_under_torch_compile_equals_eager():
+    """--compile: the ordinary passes, functional_call (look-ahead, feedback, FD) and jvp (exact) all run
+    through the compiled models and give the eager step's result."""
+    results = []
+    for compiled in (False, True):
+        teacher, student, t_opt, s_opt = make_pair()
+        if compiled:
+            teacher.compile()
+            student.compile()
+        for influence in ("fd", "exact"):
+            out = lgtm.lgtm_step(teacher, student, t_opt, s_opt, random_batch(5), random_batch(6, size=5),
+                                 influence=influence, **OPTIONS)
+        results.append((flat(snapshot(teacher) + snapshot(student)), out["w"]))
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(results[1][1], results[0][1], rtol=1e-9, atol=1e-12)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Section 1 of lgtm.py lifts out alone: copied into a fresh module, it runs the same step
 # ----------------------------------------------------------------------------------------------------------
@@ -726,6 +743,7 @@ def test_cli_interrupted_run_keeps_what_it_wrote_and_says_so(model_dir, tmp_path
     message = capsys.readouterr().err
     saved = json.loads((out / "metrics.json").read_text())
     assert e.value.code != 0 and saved["status"] == "interrupted"
+    assert len((out / "train_log.jsonl").read_text().splitlines()) == at_step - 1  # every finished step
     if evaluated:
         assert [h["step"] for h in saved["history"]] == [2] and (out / "student" / "config.json").is_file()
         assert "the best student so far (step 2)" in message
