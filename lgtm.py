@@ -158,10 +158,10 @@ def feedback_gradient(student, params, feedback_batch, bf16=False):
     return list(torch.autograd.grad(loss, list(params.values()))), loss.detach()
 
 
-def influence_fd(student, v, inputs, t_logits, loss_fn, radius=0.01):
+def influence_fd(student, v, inputs, t_logits, sample_loss, radius=0.01):
     """Distillation influence w_i = ∇θs D_i · v by central differences (eq. 10, appendix B):
         w_i ~ [D_i(T, S(θs + eps v)) - D_i(T, S(θs - eps v))] / (2 eps),     eps = radius / ||v||,
-    with loss_fn(student_logits, teacher_logits) -> D_i per sample. Two student forwards without grad; w keeps
+    with sample_loss(student_logits, teacher_logits) -> D_i per sample. Two student forwards without grad; w keeps
     its graph to the teacher through t_logits, so backward() gives ∇θt w_i. Dropout is off in both passes
     (with two masks the difference is noise), θs is never written (the perturbed weights are new tensors),
     and the passes run in full fp32 whatever the surrounding precision."""
@@ -177,10 +177,10 @@ def influence_fd(student, v, inputs, t_logits, loss_fn, radius=0.01):
             minus = functional_call(student, dict(zip(names, torch._foreach_sub(params, torch._foreach_mul(v, eps)))),
                                     args=(), kwargs=inputs).logits
         t_logits = upcast(t_logits)
-        return (loss_fn(plus, t_logits) - loss_fn(minus, t_logits)) / (2 * eps)
+        return (sample_loss(plus, t_logits) - sample_loss(minus, t_logits)) / (2 * eps)
 
 
-def influence_exact(student, v, inputs, t_logits, loss_fn):
+def influence_exact(student, v, inputs, t_logits, sample_loss):
     """The same w_i exactly (eq. 8): one forward-mode pass gives the student's logits s and their directional
     derivative ds = J v; then w_i = dD_i/ds_i . ds_i. The teacher enters only through t_logits, so ∇θt w_i (the
     exact mixed second derivative) needs no graph through the student. Needs eager attention in the student."""
@@ -189,7 +189,7 @@ def influence_exact(student, v, inputs, t_logits, loss_fn):
         s, ds = jvp(lambda p: functional_call(student, p, args=(), kwargs=inputs).logits,
                     (dict(zip(names, (p.detach() for p in params))),), (dict(zip(names, v)),))
         s = s.detach().requires_grad_()
-        (dD_ds,) = torch.autograd.grad(loss_fn(s, upcast(t_logits)).sum(), s, create_graph=True)
+        (dD_ds,) = torch.autograd.grad(sample_loss(s, upcast(t_logits)).sum(), s, create_graph=True)
         return (dD_ds * ds.detach()).sum(-1)
 
 
@@ -214,7 +214,7 @@ def lgtm_step(teacher, student, teacher_optimizer, student_optimizer, batch, fee
     Cost with influence="fd": 4 teacher and 10 student forward-equivalents (a backward counts 2)."""
     check_options(alpha, student_alpha, distill_loss, temperature, influence, fd_radius, lookahead, influence_weight)
     inputs, labels, device = model_inputs(batch), batch["labels"], batch["labels"].device
-    loss_fn = lambda s_logits, t_logits: distillation_loss(s_logits, t_logits, distill_loss, temperature)  # D_i
+    distill_fn = lambda s_logits, t_logits: distillation_loss(s_logits, t_logits, distill_loss, temperature)  # D_i
     teacher.train()
     student.train()
 
@@ -234,9 +234,9 @@ def lgtm_step(teacher, student, teacher_optimizer, student_optimizer, batch, fee
 
     # Line 7: the distillation influence of each training sample, w_i = ∇θs D_i · v (eq. 8), by eq. 10.
     if influence == "fd":
-        w = influence_fd(student, v, inputs, t_logits, loss_fn, fd_radius)
+        w = influence_fd(student, v, inputs, t_logits, distill_fn, fd_radius)
     else:
-        w = influence_exact(student, v, inputs, t_logits, loss_fn)
+        w = influence_exact(student, v, inputs, t_logits, distill_fn)
 
     # Line 8: the teacher descends L_aux plus the influence objective (eq. 11, sign corrected).
     student_lr = student_optimizer.param_groups[0]["lr"]
@@ -315,7 +315,7 @@ def meta_step(teacher, student, teacher_optimizer, student_optimizer, batch, fee
     if not (math.isfinite(teacher_max_grad_norm) and teacher_max_grad_norm >= 0):
         raise ValueError(f"teacher_max_grad_norm {teacher_max_grad_norm!r}: expected a finite number >= 0")
     inputs, labels, device = model_inputs(batch), batch["labels"], batch["labels"].device
-    loss_fn = lambda s_logits, t_logits: distillation_loss(s_logits, t_logits, distill_loss, temperature)
+    distill_fn = lambda s_logits, t_logits: distillation_loss(s_logits, t_logits, distill_loss, temperature)
     teacher.train()
     student.train()
     with autocast(device, bf16):
@@ -326,9 +326,9 @@ def meta_step(teacher, student, teacher_optimizer, student_optimizer, batch, fee
     v, feedback_loss = feedback_gradient(student, lookahead_params(student, grads, student_optimizer, lookahead),
                                          feedback_batch, bf16)
     if influence == "fd":
-        w = influence_fd(student, v, inputs, t_logits, loss_fn, fd_radius)
+        w = influence_fd(student, v, inputs, t_logits, distill_fn, fd_radius)
     else:
-        w = influence_exact(student, v, inputs, t_logits, loss_fn)
+        w = influence_exact(student, v, inputs, t_logits, distill_fn)
     teacher_loss = influence_objective(w, student_optimizer.param_groups[0]["lr"], student_alpha)   # eq. 7
     teacher_optimizer.zero_grad(set_to_none=True)
     teacher_loss.backward()
@@ -350,7 +350,7 @@ def influence_to_aux_grad_ratio(teacher, student, student_optimizer, batch, feed
     eq. 11, at the current parameters. Lines 2-8 of lgtm_step without any update: call it on the steps you log
     (it costs about one LGTM step), before lgtm_step on the same batches."""
     inputs, labels, device = model_inputs(batch), batch["labels"], batch["labels"].device
-    loss_fn = lambda s_logits, t_logits: distillation_loss(s_logits, t_logits, distill_loss, temperature)
+    distill_fn = lambda s_logits, t_logits: distillation_loss(s_logits, t_logits, distill_loss, temperature)
     teacher.train()
     student.train()
     with autocast(device, bf16):
@@ -361,9 +361,9 @@ def influence_to_aux_grad_ratio(teacher, student, student_optimizer, batch, feed
     v, _ = feedback_gradient(student, lookahead_params(student, grads, student_optimizer, lookahead),
                              feedback_batch, bf16)
     if influence == "fd":
-        w = influence_fd(student, v, inputs, t_logits, loss_fn, fd_radius)
+        w = influence_fd(student, v, inputs, t_logits, distill_fn, fd_radius)
     else:
-        w = influence_exact(student, v, inputs, t_logits, loss_fn)
+        w = influence_exact(student, v, inputs, t_logits, distill_fn)
     params = list(teacher.parameters())
     aux = teacher_aux_loss(t_logits, s_logits, labels, alpha, distill_loss, temperature)
     term = influence_objective(w, student_optimizer.param_groups[0]["lr"], student_alpha, influence_weight)

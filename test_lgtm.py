@@ -538,6 +538,19 @@ def test_the_lgtm_section_runs_alone_and_equals_lgtm_step(tmp_path):
         lifted.lgtm_step(teacher, student, t_opt, s_opt, random_batch(1), random_batch(2), fd_radius=float("inf"))
 
 
+def test_the_readme_snippet_runs_as_written():
+    readme = (HERE / "README.md").read_text()
+    section = readme[readme.index("## Use it in your own trainer"):]
+    snippet = section[section.index("```python") + len("```python"):section.index("```", section.index("```python") + 9)]
+    teacher, student, _, _ = make_pair()
+    before = [m.classifier.weight.detach().clone() for m in (teacher, student)]
+    scope = {"torch": torch, "teacher": teacher, "student": student,
+             "train_batches": [random_batch(1), random_batch(2)], "feedback_batches": [random_batch(3), random_batch(4)]}
+    exec(snippet, scope)
+    assert set(scope["out"]) == {"teacher_loss", "student_loss", "feedback_loss", "w"}
+    assert not any(torch.equal(m.classifier.weight, b) for m, b in zip((teacher, student), before)), "both learn"
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Data and metrics
 # ----------------------------------------------------------------------------------------------------------
