@@ -303,17 +303,11 @@ def online_step(teacher, student, teacher_optimizer, student_optimizer, batch, *
     return {"teacher_loss": teacher_loss.detach(), "student_loss": loss_s.detach()}
 
 
-def meta_step(teacher, student, teacher_optimizer, student_optimizer, batch, feedback_batch, *, student_alpha=0.0,
-              distill_loss="ce", temperature=1.0, influence="fd", fd_radius=0.01, lookahead="sgd",
-              teacher_max_grad_norm=1.0, bf16=False):
-    """Meta distillation (MetaDistil, eq. 6-7): the fine-tuned teacher learns only from the student's held-out
-    loss after a look-ahead step, whose gradient is the influence objective; its gradient is clipped to
-    teacher_max_grad_norm (MetaDistil's 1.0; 0: no clipping). The student distils from the teacher as it was
-    before this step, with the look-ahead's own gradient (eq. 6)."""
-    check_options(student_alpha=student_alpha, distill_loss=distill_loss, temperature=temperature,
-                  influence=influence, fd_radius=fd_radius, lookahead=lookahead)
-    if not (math.isfinite(teacher_max_grad_norm) and teacher_max_grad_norm >= 0):
-        raise ValueError(f"teacher_max_grad_norm {teacher_max_grad_norm!r}: expected a finite number >= 0")
+def influences_after_lookahead(teacher, student, student_optimizer, batch, feedback_batch, *, student_alpha=0.0,
+                               distill_loss="ce", temperature=1.0, influence="fd", fd_radius=0.01, lookahead="sgd",
+                               bf16=False):
+    """Lines 2-7 of Algorithm 1 without any update, for meta_step and the diagnostic below: the teacher's logits
+    on z^r (with grad) and the student's, the student's loss and look-ahead gradient, w_i and L_val(θs')."""
     inputs, labels, device = model_inputs(batch), batch["labels"], batch["labels"].device
     distill_fn = lambda s_logits, t_logits: distillation_loss(s_logits, t_logits, distill_loss, temperature)
     teacher.train()
@@ -329,6 +323,23 @@ def meta_step(teacher, student, teacher_optimizer, student_optimizer, batch, fee
         w = influence_fd(student, v, inputs, t_logits, distill_fn, fd_radius)
     else:
         w = influence_exact(student, v, inputs, t_logits, distill_fn)
+    return t_logits, s_logits, loss_s, grads, w, feedback_loss
+
+
+def meta_step(teacher, student, teacher_optimizer, student_optimizer, batch, feedback_batch, *, student_alpha=0.0,
+              distill_loss="ce", temperature=1.0, influence="fd", fd_radius=0.01, lookahead="sgd",
+              teacher_max_grad_norm=1.0, bf16=False):
+    """Meta distillation (MetaDistil, eq. 6-7): the fine-tuned teacher learns only from the student's held-out
+    loss after a look-ahead step, whose gradient is the influence objective; its gradient is clipped to
+    teacher_max_grad_norm (MetaDistil's 1.0; 0: no clipping). The student distils from the teacher as it was
+    before this step, with the look-ahead's own gradient (eq. 6)."""
+    options = dict(student_alpha=student_alpha, distill_loss=distill_loss, temperature=temperature,
+                   influence=influence, fd_radius=fd_radius, lookahead=lookahead)
+    check_options(**options)
+    if not (math.isfinite(teacher_max_grad_norm) and teacher_max_grad_norm >= 0):
+        raise ValueError(f"teacher_max_grad_norm {teacher_max_grad_norm!r}: expected a finite number >= 0")
+    _, _, loss_s, grads, w, feedback_loss = influences_after_lookahead(
+        teacher, student, student_optimizer, batch, feedback_batch, bf16=bf16, **options)
     teacher_loss = influence_objective(w, student_optimizer.param_groups[0]["lr"], student_alpha)   # eq. 7
     teacher_optimizer.zero_grad(set_to_none=True)
     teacher_loss.backward()
@@ -344,29 +355,17 @@ def meta_step(teacher, student, teacher_optimizer, student_optimizer, batch, fee
 
 
 def influence_to_aux_grad_ratio(teacher, student, student_optimizer, batch, feedback_batch, *, alpha=0.6,
-                                student_alpha=0.0, distill_loss="ce", temperature=1.0, influence="fd",
-                                fd_radius=0.01, lookahead="sgd", influence_weight=1.0, bf16=False):
+                                student_alpha=0.0, distill_loss="ce", temperature=1.0, influence_weight=1.0,
+                                **options):
     """||∇θt influence term|| / ||∇θt L_aux||: how much the student's feedback weighs in the teacher's update of
-    eq. 11, at the current parameters. Lines 2-8 of lgtm_step without any update: call it on the steps you log
-    (it costs about one LGTM step), before lgtm_step on the same batches."""
-    inputs, labels, device = model_inputs(batch), batch["labels"], batch["labels"].device
-    distill_fn = lambda s_logits, t_logits: distillation_loss(s_logits, t_logits, distill_loss, temperature)
-    teacher.train()
-    student.train()
-    with autocast(device, bf16):
-        t_logits = upcast(teacher(**inputs).logits)
-        s_logits = upcast(student(**inputs).logits)
-    loss_s = student_loss(s_logits, t_logits, labels, student_alpha, distill_loss, temperature)
-    grads = torch.autograd.grad(loss_s, list(student.parameters()))
-    v, _ = feedback_gradient(student, lookahead_params(student, grads, student_optimizer, lookahead),
-                             feedback_batch, bf16)
-    if influence == "fd":
-        w = influence_fd(student, v, inputs, t_logits, distill_fn, fd_radius)
-    else:
-        w = influence_exact(student, v, inputs, t_logits, distill_fn)
-    params = list(teacher.parameters())
-    aux = teacher_aux_loss(t_logits, s_logits, labels, alpha, distill_loss, temperature)
+    eq. 11, at the current parameters; options (influence, fd_radius, lookahead, bf16) as lgtm_step's. It updates
+    nothing and costs about one LGTM step: call it on the steps you log, before lgtm_step on the same batches."""
+    losses = dict(distill_loss=distill_loss, temperature=temperature)
+    t_logits, s_logits, _, _, w, _ = influences_after_lookahead(
+        teacher, student, student_optimizer, batch, feedback_batch, student_alpha=student_alpha, **losses, **options)
+    aux = teacher_aux_loss(t_logits, s_logits, batch["labels"], alpha, **losses)
     term = influence_objective(w, student_optimizer.param_groups[0]["lr"], student_alpha, influence_weight)
+    params = list(teacher.parameters())
     norm = lambda loss, **kw: torch.linalg.vector_norm(torch.stack(
         [g.norm() for g in torch.autograd.grad(loss, params, allow_unused=True, **kw) if g is not None]))
     return norm(term, retain_graph=True) / norm(aux)
@@ -542,7 +541,7 @@ def load_glue(task, data_dir, splits):
     for split, examples in out.items():
         if len(examples) == 0:
             raise UserError(f"the {split} split of {task.name} (from {data_dir or 'the Hub'}) has no examples: "
-                            f"the file holds a header only. Restore the full file")
+                            f"its file holds a header only; restore the complete file")
     return out
 
 
