@@ -990,10 +990,6 @@ def number(kind, low=None, high=None, low_open=False, high_open=False):
 
 POSITIVE, POSITIVE_INT = number(float, 0, low_open=True), number(int, 0, low_open=True)
 FRACTION, NON_NEGATIVE = number(float, 0, 1), number(float, 0)
-METHOD_DEFAULTS = {  # flag: {method: (value, why)}; where the LGTM paper is silent, meta follows MetaDistil
-    "teacher_lr": {"meta": (1e-5, "MetaDistil's teacher learning rate"), None: (3e-5, "appendix D")},
-    "teacher_max_grad_norm": {"meta": (1.0, "MetaDistil's clipping of the teacher")},
-}
 
 
 def parse_args(argv=None):
@@ -1082,12 +1078,14 @@ def parse_args(argv=None):
         args.precision = "tf32" if device.type == "cuda" else "fp32"
     if args.precision == "tf32" and device.type != "cuda":
         p.error("argument --precision: tf32 needs a CUDA device; use fp32 or bf16")
-    args.defaults = []  # the method-aware defaults this run took, printed at its start
-    for name, table in METHOD_DEFAULTS.items():
-        if getattr(args, name) is None and (args.method in table or None in table):
-            value, why = table.get(args.method, table.get(None))
-            setattr(args, name, value)
-            args.defaults.append(f"--{name.replace('_', '-')} {value:g} ({why})")
+    args.defaults = []  # method-aware defaults, printed at the start of the run. Where the LGTM paper is silent,
+    if args.teacher_lr is None:  # meta follows MetaDistil's published recipe
+        args.teacher_lr = 1e-5 if args.method == "meta" else 3e-5
+        args.defaults.append(f"--teacher-lr {args.teacher_lr:g} " +
+                             ("(MetaDistil's teacher learning rate)" if args.method == "meta" else "(appendix D)"))
+    if args.method == "meta" and args.teacher_max_grad_norm is None:
+        args.teacher_max_grad_norm = 1.0
+        args.defaults.append("--teacher-max-grad-norm 1 (MetaDistil's clipping of the teacher)")
     return args
 
 
