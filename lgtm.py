@@ -172,9 +172,10 @@ def influence_fd(student, v, inputs, t_logits, sample_loss, radius=0.01):
     eps = radius / v_norm.clamp_min(1e-30)  # a tensor: no host sync; v = 0 gives w = 0, not NaN
     with full_precision(params[0].device), dropout_off(student):
         with torch.no_grad():
-            plus = functional_call(student, dict(zip(names, torch._foreach_add(params, torch._foreach_mul(v, eps)))),
+            step = torch._foreach_mul(v, eps)
+            plus = functional_call(student, dict(zip(names, torch._foreach_add(params, step))),
                                    args=(), kwargs=inputs).logits
-            minus = functional_call(student, dict(zip(names, torch._foreach_sub(params, torch._foreach_mul(v, eps)))),
+            minus = functional_call(student, dict(zip(names, torch._foreach_sub(params, step))),
                                     args=(), kwargs=inputs).logits
         t_logits = upcast(t_logits)
         return (sample_loss(plus, t_logits) - sample_loss(minus, t_logits)) / (2 * eps)
