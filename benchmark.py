@@ -5,8 +5,9 @@
     python benchmark.py --teacher DIR --student DIR --student-layers 3   # real checkpoints (also for agreement)
     python benchmark.py --compile                         # also time kd and lgtm with torch.compile'd models
 
-Every step runs the step function of its method (lgtm.kd_step, online_step, meta_step, lgtm_step) on the same models (fresh copies per row) and the same batches. Timing needs no
-pretrained weights, so by default the models are random BERTs of the paper's size (batch 32, seq 128). One table
+Every row runs the step function of its method (lgtm.kd_step, online_step, meta_step, lgtm_step) on the same models
+(fresh copies per row) and the same batches. Timing needs no pretrained weights, so by default the models are random
+BERTs of the paper's size (batch 32, seq 128). One table
 per precision: median ms/step over --steps after --warmup, samples/s, peak GPU memory, and the cost as a multiple
 of the kd step at the same precision. Then the agreement of FD with exact influences: the correlation of the w_i
 and the cosine of the teacher gradients, against the exact path at the same precision and against strict fp32.

@@ -104,7 +104,8 @@ def main(argv=None):
     with open(args.out / "results.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=["task", "method", "feedback", "n", "mean", "std"])
         writer.writeheader()
-        writer.writerows({k: (f"{r[k]:.4f}" if k in ("mean", "std") else r[k]) for k in writer.fieldnames} for r in rows)
+        writer.writerows({k: f"{r[k]:.4f}" if k in ("mean", "std") else r[k] for k in writer.fieldnames}
+                         for r in rows)
     plot(runs, args.out / "curves.png")
     table = markdown(rows)
     print(table)
