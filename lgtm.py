@@ -881,11 +881,16 @@ def finetune_teacher(teacher, train_loader, dev_loaders, task, args, device, run
     run.tokenizer.save_pretrained(run.dir / "teacher_finetuned")
 
 
-def step_function(teacher, student, teacher_optimizer, student_optimizer, args):
-    """The step of --method with the command line's options: f(batch, feedback_batch) -> dict of tensors."""
+def step_options(args):
+    """The command line's options for the steps: those every step takes, and those of the feedback methods."""
     common = dict(student_alpha=args.student_alpha, distill_loss=args.distill_loss, temperature=args.temperature,
                   bf16=args.precision == "bf16")
-    feedback = dict(influence=args.influence, fd_radius=args.fd_radius, lookahead=args.lookahead)
+    return common, dict(influence=args.influence, fd_radius=args.fd_radius, lookahead=args.lookahead)
+
+
+def step_function(teacher, student, teacher_optimizer, student_optimizer, args):
+    """The step of --method with the command line's options: f(batch, feedback_batch) -> dict of tensors."""
+    common, feedback = step_options(args)
     if args.method == "kd":
         return lambda batch, _: kd_step(teacher, student, student_optimizer, batch, **common)
     if args.method == "online":
@@ -909,10 +914,8 @@ def train_loop(teacher, student, train_loader, feedback_loader, dev_loaders, tas
     step_fn = step_function(teacher, student, opt_t, opt_s, args)
     schedulers = (sched_s,) if args.method == "kd" else (sched_t, sched_s)  # the kd teacher never steps
     feedback = forever(feedback_loader) if feedback_loader is not None else None
-    ratio_options = dict(alpha=args.alpha, student_alpha=args.student_alpha, distill_loss=args.distill_loss,
-                         temperature=args.temperature, influence=args.influence, fd_radius=args.fd_radius,
-                         lookahead=args.lookahead, influence_weight=args.influence_weight,
-                         bf16=args.precision == "bf16")
+    common, feedback_options = step_options(args)
+    ratio_options = dict(alpha=args.alpha, influence_weight=args.influence_weight, **common, **feedback_options)
     causes = f"a learning rate too high (--student-lr {args.student_lr:g}, --teacher-lr {args.teacher_lr:g})" + \
         (", or bf16 overflow (--precision bf16)" if args.precision == "bf16" else "")
     bar = tqdm(total=total, desc=args.method, dynamic_ncols=True)
