@@ -1,20 +1,20 @@
-"""Cost of one training step of each method, and finite differences against exact influences, per precision.
+"""Cost of one training step of each method, and finite differences against exact influences.
 
-    python benchmark.py                                   # the paper's size: BERT-base teacher, 6-layer student
-    python benchmark.py --size small --device cpu         # a small config that runs on a CPU in a minute
-    python benchmark.py --teacher DIR --student DIR --student-layers 3   # real checkpoints (also for agreement)
-    python benchmark.py --compile                         # also time kd and lgtm with torch.compile'd models
+    python benchmark.py                                # the paper's size: BERT-base and 6 layers
+    python benchmark.py --size small --device cpu      # a small config a CPU runs in a minute
+    python benchmark.py --teacher DIR --student-layers 3   # real checkpoints
+    python benchmark.py --compile                      # kd and lgtm also with compiled models
 
-Every row runs the step function of its method (lgtm.kd_step, online_step, meta_step, lgtm_step) on the same models
-(fresh copies per row) and the same batches. Timing needs no pretrained weights, so by default the models are random
-BERTs of the paper's size (batch 32, seq 128). One table
-per precision: median ms/step over --steps after --warmup, samples/s, peak GPU memory, and the cost as a multiple
-of the kd step at the same precision. Then the agreement of FD with exact influences: the correlation of the w_i
-and the cosine of the teacher gradients, against the exact path at the same precision and against strict fp32.
+Every row runs lgtm.STEPS[method] on fresh copies of the same models and the same two batches
+(full-length sequences): the median ms per step over --steps after --warmup, samples/s, peak GPU
+memory, and the cost as a multiple of the kd step at the same precision. fp32: IEEE fp32; tf32:
+TF32 matmuls (CUDA; lgtm.py's default there); bf16: bf16 autocast with TF32, as lgtm.py runs it.
+The influence passes run in strict fp32 whatever the precision. Then the agreement of FD with the
+exact influences: the correlation of the w_i and the cosine of the teacher gradients, against the
+exact path at the same precision and against the exact path in strict fp32.
 """
 
 import argparse
-import contextlib
 import copy
 import statistics
 import time
@@ -24,57 +24,52 @@ import transformers
 
 import lgtm
 
-STEPS = [("kd", "-"), ("online", "-"), ("meta", "fd"), ("lgtm", "fd"), ("lgtm", "exact")]
-SIZES = {  # (layers, hidden, heads, intermediate) of teacher and student
-    "base": ((12, 768, 12, 3072), (6, 768, 12, 3072)),
-    "small": ((4, 256, 4, 1024), (2, 256, 4, 1024)),
-}
-# fp32: IEEE fp32 matmuls; tf32: fp32 with TF32 matmuls (CUDA; lgtm.py's default there); bf16: bf16 autocast + TF32.
-# Influence passes are always strict fp32 (lgtm.full_precision).
-PRECISIONS = {"fp32": (False, "highest"), "tf32": (False, "high"), "bf16": (True, "high")}
+ROWS = [("kd", "fd"), ("online", "fd"), ("meta", "fd"), ("lgtm", "fd"), ("lgtm", "exact")]
+SIZES = {"base": ((12, 768, 12, 3072), (6, 768, 12, 3072)),  # layers, hidden, heads, intermediate
+         "small": ((4, 256, 4, 1024), (2, 256, 4, 1024))}
+MATMUL = {"fp32": "highest", "tf32": "high", "bf16": "high"}
 
 
 def parse_args(argv=None):
+    count = lgtm.number(int, lambda x: x > 0, "> 0")
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--size", choices=SIZES, default="base", help="random BERTs of this size (ignored with --teacher)")
-    p.add_argument("--teacher", help="a checkpoint (Hub name or directory) instead of random weights")
-    p.add_argument("--student", help="a checkpoint for the student (default: --teacher)")
-    p.add_argument("--student-layers", type=int, help="keep the first N layers of the student checkpoint")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--seq-length", type=int, default=128, help="every sequence is this long (no padding)")
-    p.add_argument("--steps", type=int, default=20, help="timed steps per row; the median is reported")
-    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (allocator, kernels, autotuning)")
-    p.add_argument("--precision", nargs="+", choices=PRECISIONS, help="default: fp32 tf32 bf16 on a GPU that "
-                   "supports bf16, fp32 on CPU")
-    p.add_argument("--agreement-batches", type=int, default=2, help="batches for the FD-vs-exact check; 0: skip")
-    p.add_argument("--compile", action="store_true", help="also time kd and lgtm (fd) with both models compiled")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+                                formatter_class=lgtm.HelpFormatter)
+    p.add_argument("--size", choices=SIZES, default="base", help="random BERTs of this size")
+    p.add_argument("--teacher", help="a checkpoint (Hub name or folder) instead of random BERTs")
+    p.add_argument("--student", help="the student's checkpoint (default: --teacher)")
+    p.add_argument("--student-layers", type=count, help="keep the student's first N layers")
+    p.add_argument("--batch-size", type=count, default=32, help="sequences per batch")
+    p.add_argument("--seq-length", type=count, default=128, help="tokens per sequence")
+    p.add_argument("--steps", type=count, default=20, help="timed steps per row")
+    p.add_argument("--warmup", type=lgtm.number(int, lambda x: x >= 0, ">= 0"), default=3,
+                   help="untimed steps first (allocator, kernels, autotuning)")
+    p.add_argument("--precision", nargs="+", choices=MATMUL, help="default: fp32 tf32 bf16 on "
+                   "a GPU, fp32 on a CPU")
+    p.add_argument("--agreement-batches", type=lgtm.number(int, lambda x: x >= 0, ">= 0"),
+                   default=2, help="batches of the FD-against-exact check; 0: skip it")
+    p.add_argument("--compile", action="store_true", help="also kd and lgtm, compiled")
+    p.add_argument("--device", help="cpu or cuda (default: cuda where there is one)")
     args = p.parse_args(argv)
-    if args.precision is None:
-        cuda = torch.device(args.device).type == "cuda"
-        args.precision = ["fp32", "tf32", "bf16"] if cuda and torch.cuda.is_bf16_supported() else ["fp32"]
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    args.precision = args.precision or (["fp32", "tf32", "bf16"] if args.device != "cpu"
+                                        else ["fp32"])
     return args
 
 
 def build_models(args):
-    """teacher, student (SDPA) and the same student with eager attention (forward-mode AD needs it)."""
+    """Teacher, student, and the same student with eager attention (the exact path needs it)."""
     if args.teacher:
         student = args.student or args.teacher
-        teacher = lgtm.load_model(args.teacher, "--teacher", 2)
-        make_student = lambda attention: lgtm.load_model(student, "--student", 2, args.student_layers, attention)
-        return teacher, make_student("sdpa"), make_student("eager")
-
-    def bert(shape, attention):
-        layers, hidden, heads, intermediate = shape
-        config = transformers.BertConfig(num_hidden_layers=layers, hidden_size=hidden, num_attention_heads=heads,
-                                         intermediate_size=intermediate, num_labels=2, attn_implementation=attention)
-        return transformers.BertForSequenceClassification(config)
-
-    teacher_shape, student_shape = SIZES[args.size]
+        make = lambda attention: lgtm.load_model(student, "--student", 2, args.student_layers,
+                                                 attention)[0]
+        return lgtm.load_model(args.teacher, "--teacher", 2)[0], make("sdpa"), make("eager")
+    bert = lambda shape, attention: transformers.BertForSequenceClassification(
+        transformers.BertConfig(num_hidden_layers=shape[0], hidden_size=shape[1],
+                                num_attention_heads=shape[2], intermediate_size=shape[3],
+                                num_labels=2, attn_implementation=attention))
     torch.manual_seed(0)
-    teacher, student = bert(teacher_shape, "sdpa"), bert(student_shape, "sdpa")
-    student_eager = bert(student_shape, "eager")
+    teacher, student = bert(SIZES[args.size][0], "sdpa"), bert(SIZES[args.size][1], "sdpa")
+    student_eager = bert(SIZES[args.size][1], "eager")
     student_eager.load_state_dict(student.state_dict())
     return teacher, student, student_eager
 
@@ -82,21 +77,11 @@ def build_models(args):
 def random_batch(args, vocab_size, seed):
     g = torch.Generator().manual_seed(seed)
     shape = (args.batch_size, args.seq_length)
-    batch = {"input_ids": torch.randint(1000, vocab_size, shape, generator=g),
-             "token_type_ids": torch.zeros(shape, dtype=torch.long), "attention_mask": torch.ones(shape, dtype=torch.long),
-             "labels": torch.randint(0, 2, (args.batch_size,), generator=g), "row": torch.arange(args.batch_size)}
-    return lgtm.to_device(batch, args.device)
-
-
-def step_function(method, influence, teacher, student, optimizers, bf16):
-    """One step of `method` with the command line's defaults, as f(batch, feedback_batch)."""
-    (t_opt, _), (s_opt, _) = optimizers
-    if method == "kd":
-        return lambda batch, _: lgtm.kd_step(teacher, student, s_opt, batch, bf16=bf16)
-    if method == "online":
-        return lambda batch, _: lgtm.online_step(teacher, student, t_opt, s_opt, batch, bf16=bf16)
-    step = lgtm.meta_step if method == "meta" else lgtm.lgtm_step
-    return lambda batch, fb: step(teacher, student, t_opt, s_opt, batch, fb, influence=influence, bf16=bf16)
+    return lgtm.to_device({"input_ids": torch.randint(1000, vocab_size, shape, generator=g),
+                           "token_type_ids": torch.zeros(shape, dtype=torch.long),
+                           "attention_mask": torch.ones(shape, dtype=torch.long),
+                           "labels": torch.randint(0, 2, (args.batch_size,), generator=g)},
+                          args.device)
 
 
 def sync(device):
@@ -111,9 +96,9 @@ def time_step(args, models, batches, precision, method, influence, compiled=Fals
     if compiled:
         teacher.compile()
         student.compile()
-    optimizers = (lgtm.make_optimizer(teacher, 3e-5, 0.0, 10_000, 0.0),
-                  lgtm.make_optimizer(student, 5e-5, 0.0, 10_000, 0.0))
-    step = step_function(method, influence, teacher, student, optimizers, PRECISIONS[precision][0])
+    (t_opt, _), (s_opt, _) = (lgtm.make_optimizer(m, lr, 10_000)
+                              for m, lr in ((teacher, 3e-5), (student, 5e-5)))
+    opts = lgtm.Options(influence=influence)
     cuda = torch.device(args.device).type == "cuda"
     if cuda:
         torch.cuda.empty_cache()
@@ -122,73 +107,48 @@ def time_step(args, models, batches, precision, method, influence, compiled=Fals
     for _ in range(args.warmup + args.steps):
         sync(args.device)
         started = time.perf_counter()
-        step(batches[0], batches[1])
+        with torch.autocast(torch.device(args.device).type, torch.bfloat16,
+                            enabled=precision == "bf16"):
+            lgtm.STEPS[method](teacher, student, t_opt, s_opt, *batches, opts)
         sync(args.device)
         times.append(time.perf_counter() - started)
     peak = torch.cuda.max_memory_allocated() / 2 ** 20 if cuda else None
-    del teacher, student, optimizers
     return statistics.median(times[args.warmup:]), peak
 
 
-# ----------------------------------------------------------------------------------------------------------
-# FD against exact influences at a given precision
-# ----------------------------------------------------------------------------------------------------------
-
-@contextlib.contextmanager
-def unguarded_influence_passes():
-    """What the FD passes would give if they ran at the surrounding precision (to show what the guard buys)."""
-    guard = lgtm.full_precision
-    lgtm.full_precision = lambda device: contextlib.nullcontext()
-    try:
-        yield
-    finally:
-        lgtm.full_precision = guard
-
-
-def influence_and_gradient(kind, teacher, student, batch, v, bf16):
-    """w_i and grad_θt of the influence objective, all under the given precision (as a trainer that wraps its
-    whole step in autocast would run it)."""
-    influence = lgtm.influence_fd if kind == "fd" else lgtm.influence_exact
-    with lgtm.autocast(batch["labels"].device, bf16):
+def influence_and_gradient(influence, teacher, student, batch, v, precision):
+    """w_i and the teacher gradient of the influence objective, the teacher's logits taken at
+    the given precision (the influence passes themselves always run in strict fp32)."""
+    torch.set_float32_matmul_precision(MATMUL[precision])
+    with torch.autocast(batch["labels"].device.type, torch.bfloat16, enabled=precision == "bf16"):
         t_logits = teacher(**lgtm.model_inputs(batch)).logits
-        w = influence(student, v, lgtm.model_inputs(batch), t_logits, lgtm.distillation_loss)
-    grads = torch.autograd.grad(lgtm.influence_objective(w, 5e-5, 0.0), list(teacher.parameters()))
+    fn = lgtm.influence_fd if influence == "fd" else lgtm.influence_exact
+    w = fn(student, v, lgtm.model_inputs(batch), t_logits, lgtm.distillation_loss)
+    grads = torch.autograd.grad(lgtm.influence_objective(w, 5e-5), list(teacher.parameters()))
+    torch.set_float32_matmul_precision("highest")
     return w.detach().double(), torch.cat([g.flatten().double() for g in grads])
 
 
 def agreement(args, models, precision, batch_pairs):
-    """Worst over the batches: corr(w_FD, w_exact) and cos(teacher gradients), FD at `precision` against the
-    exact path at the same precision and against strict fp32 (TF32 off, no autocast)."""
-    teacher, _, student = models  # eager student: the exact path needs it
-    teacher, student = teacher.eval(), student.eval()
-    bf16, matmul = PRECISIONS[precision]
-    rows = {}
+    """Worst over the batches: corr(w FD, w exact) and cos(teacher gradients) of FD at the
+    precision against exact at the same precision, and against exact in strict fp32."""
+    teacher, _, student = (m.eval() for m in models)  # eager student: the exact path needs it
+    worst = [1.0] * 4
     for batch, feedback in batch_pairs:
-        # v after an SGD look-ahead step, as in training; shared by every variant so only the influence differs.
-        torch.set_float32_matmul_precision("highest")
-        with torch.no_grad():
-            t_logits = teacher(**lgtm.model_inputs(batch)).logits
-        loss = lgtm.distillation_loss(student(**lgtm.model_inputs(batch)).logits, t_logits).mean()
-        grads = torch.autograd.grad(loss, list(student.parameters()))
-        theta_next = lgtm.lookahead_params(student, grads, torch.optim.SGD(student.parameters(), lr=5e-5))
-        v, _ = lgtm.feedback_gradient(student, theta_next, feedback)
-        w_ref, g_ref = influence_and_gradient("exact", teacher, student, batch, v, bf16=False)
-        torch.set_float32_matmul_precision(matmul)
-        variants = {"fd": lambda: influence_and_gradient("fd", teacher, student, batch, v, bf16),
-                    "exact": lambda: influence_and_gradient("exact", teacher, student, batch, v, bf16)}
-        results = {k: f() for k, f in variants.items()}
-        if precision != "fp32":
-            with unguarded_influence_passes():
-                results["fd, passes unguarded"] = variants["fd"]()
-        for name, (w, g) in results.items():
-            corr_same = torch.corrcoef(torch.stack([w, results["exact"][0]]))[0, 1].item()
-            corr_ref = torch.corrcoef(torch.stack([w, w_ref]))[0, 1].item()
-            cos_same = torch.nn.functional.cosine_similarity(g, results["exact"][1], dim=0).item()
-            cos_ref = torch.nn.functional.cosine_similarity(g, g_ref, dim=0).item()
-            worst = rows.get(name, (1, 1, 1, 1))
-            rows[name] = tuple(min(a, b) for a, b in zip(worst, (corr_same, cos_same, corr_ref, cos_ref)))
-    torch.set_float32_matmul_precision("highest")
-    return rows
+        params = lgtm.trainable(student)  # v after an SGD look-ahead step, as in training
+        loss = lgtm.distillation_loss(student(**lgtm.model_inputs(batch)).logits,
+                                      teacher(**lgtm.model_inputs(batch)).logits.detach()).mean()
+        grads = torch.autograd.grad(loss, list(params.values()))
+        v, _ = lgtm.feedback_gradient(student, lgtm.lookahead_params(params, grads, None, 5e-5),
+                                      feedback)
+        (w_fd, g_fd), (w_ex, g_ex), (w_ref, g_ref) = (
+            influence_and_gradient(kind, teacher, student, batch, v, p)
+            for kind, p in (("fd", precision), ("exact", precision), ("exact", "fp32")))
+        corr = lambda a, b: torch.corrcoef(torch.stack([a, b]))[0, 1].item()
+        cos = lambda a, b: torch.nn.functional.cosine_similarity(a, b, dim=0).item()
+        worst = [min(x, y) for x, y in zip(worst, (corr(w_fd, w_ex), cos(g_fd, g_ex),
+                                                   corr(w_fd, w_ref), cos(g_fd, g_ref)))]
+    return worst
 
 
 def main(argv=None):
@@ -198,39 +158,42 @@ def main(argv=None):
     models = tuple(m.to(args.device) for m in build_models(args))
     vocab = models[0].config.vocab_size
     batches = (random_batch(args, vocab, 0), random_batch(args, vocab, 1))
-    device_name = torch.cuda.get_device_name(args.device) if torch.device(args.device).type == "cuda" else \
+    cuda = torch.device(args.device).type == "cuda"
+    device = torch.cuda.get_device_name(args.device) if cuda else \
         f"CPU ({torch.get_num_threads()} threads)"
     count = lambda m: sum(p.numel() for p in m.parameters()) / 1e6
-    print(f"device: {device_name}; torch {torch.__version__}, transformers {transformers.__version__}")
-    print(f"teacher {models[0].config.num_hidden_layers} layers ({count(models[0]):.0f}M), student "
-          f"{models[1].config.num_hidden_layers} layers ({count(models[1]):.0f}M); batch {args.batch_size} x seq "
-          f"{args.seq_length}; median of {args.steps} steps after {args.warmup} warm-up")
+    print(f"device: {device}; torch {torch.__version__}, transformers {transformers.__version__}")
+    print(f"teacher {models[0].config.num_hidden_layers} layers ({count(models[0]):.0f}M), "
+          f"student {models[1].config.num_hidden_layers} layers ({count(models[1]):.0f}M); "
+          f"batch {args.batch_size} x seq {args.seq_length}; median of {args.steps} steps after "
+          f"{args.warmup} warm-up")
+    compiled = [("kd", "fd", True), ("lgtm", "fd", True)] if args.compile else []
     for precision in args.precision:
-        torch.set_float32_matmul_precision(PRECISIONS[precision][1])
-        print(f"\n{precision}:  {'step':24} {'attention':9} {'ms/step':>9} {'samples/s':>10} {'peak MiB':>9} "
-              f"{'x kd':>6}")
+        torch.set_float32_matmul_precision(MATMUL[precision])
+        print(f"\n{precision}:  {'step':24} {'attention':9} {'ms/step':>9} {'samples/s':>10} "
+              f"{'peak MiB':>9} {'x kd':>6}")
         kd_seconds = None
-        rows = [(m, i, False) for m, i in STEPS] + ([("kd", "-", True), ("lgtm", "fd", True)] if args.compile else [])
-        for method, influence, compiled in rows:
-            seconds, peak = time_step(args, models, batches, precision, method, influence, compiled)
+        for method, influence, compile_ in [(m, i, False) for m, i in ROWS] + compiled:
+            seconds, peak = time_step(args, models, batches, precision, method, influence,
+                                      compile_)
             kd_seconds = kd_seconds or seconds
-            name = (method if influence == "-" else f"{method} ({influence})") + (", compiled" if compiled else "")
-            attention = "eager" if influence == "exact" else "sdpa"
-            peak_text = f"{peak:9.0f}" if peak is not None else f"{'-':>9}"
-            print(f"{'':7}{name:24} {attention:9} {1000 * seconds:9.1f} {args.batch_size / seconds:10.1f} "
-                  f"{peak_text} {seconds / kd_seconds:6.2f}", flush=True)
+            name = method + (f" ({influence})" if method in ("meta", "lgtm") else "") + \
+                (", compiled" if compile_ else "")
+            peak = f"{peak:9.0f}" if peak is not None else f"{'-':>9}"
+            print(f"{'':7}{name:24} {'eager' if influence == 'exact' else 'sdpa':9} "
+                  f"{1000 * seconds:9.1f} {args.batch_size / seconds:10.1f} {peak} "
+                  f"{seconds / kd_seconds:6.2f}", flush=True)
         torch.set_float32_matmul_precision("highest")
     if args.agreement_batches:
         pairs = [(random_batch(args, vocab, 10 + 2 * i), random_batch(args, vocab, 11 + 2 * i))
                  for i in range(args.agreement_batches)]
-        print(f"\nFD (r = 0.01) vs exact influences, worst of {len(pairs)} batches. same: against the exact path at "
-              f"the same precision; fp32: against the exact path in strict fp32")
-        print(f"{'precision':10} {'influence':22} {'corr w (same)':>14} {'cos grad (same)':>16} {'corr w (fp32)':>14} "
+        print(f"\nFD (r = 0.01) against exact influences, worst of {len(pairs)} batches; same: "
+              f"exact at the same precision, fp32: exact in strict fp32")
+        print(f"{'precision':10} {'corr w (same)':>14} {'cos grad (same)':>16} {'corr w (fp32)':>14} "
               f"{'cos grad (fp32)':>16}")
         for precision in args.precision:
-            for name, (corr_same, cos_same, corr_ref, cos_ref) in agreement(args, models, precision, pairs).items():
-                print(f"{precision:10} {name:22} {corr_same:14.6f} {cos_same:16.6f} {corr_ref:14.6f} {cos_ref:16.6f}",
-                      flush=True)
+            print(f"{precision:10} " + " ".join(f"{x:{n}.6f}" for x, n in zip(
+                agreement(args, models, precision, pairs), (14, 16, 14, 16))), flush=True)
 
 
 if __name__ == "__main__":

