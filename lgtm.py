@@ -4,9 +4,7 @@ Knowledge distillation in which the teacher learns with the student: it descends
 L_aux minus ηs (1 - αs) mean(w) (eq. 11, sign corrected), where w_i = ∇θs D_i · v is the
 *distillation influence* of training sample i on the student's held-out loss after a look-ahead
 step (v = ∇θs L_val(θs'), eq. 8); by finite differences (eq. 10), or exactly by forward mode.
-Sections: 1. LGTM (Algorithm 1), which runs alone with the imports below: copy it out; 2. the
-comparison methods; 3. GLUE data; 4. models; 5. evaluation; 6. the training loop; 7. the command
-line (python lgtm.py --help). Libraries other than torch are imported where they are used.
+Section 1 (LGTM) needs only torch; the other libraries are imported where they are used.
 """
 import argparse
 import contextlib
@@ -39,14 +37,15 @@ class Options:
     teacher_max_grad_norm: float = 1.0  # meta: clip the teacher's gradient norm (0: off)
 
     def __post_init__(self):
-        num = lambda x: isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-        ok = {"alpha": num(self.alpha) and 0 <= self.alpha <= 1, "influence_weight":
-              num(self.influence_weight), "student_alpha": num(self.student_alpha) and 0 <=
-              self.student_alpha <= 1, "temperature": num(self.temperature) and self.temperature > 0,
-              "fd_radius": num(self.fd_radius) and self.fd_radius > 0, "teacher_max_grad_norm":
-              num(self.teacher_max_grad_norm) and self.teacher_max_grad_norm >= 0, "distill_loss":
-              self.distill_loss in ("ce", "mse"), "influence": self.influence in ("fd", "exact"),
-              "lookahead": self.lookahead in ("sgd", "adamw")}
+        real = lambda x: type(x) in (int, float) and math.isfinite(x)  # not bool, not a tensor
+        a, sa, T, r, clip = (self.alpha, self.student_alpha, self.temperature, self.fd_radius,
+                             self.teacher_max_grad_norm)
+        ok = {"alpha": real(a) and 0 <= a <= 1, "student_alpha": real(sa) and 0 <= sa <= 1,
+              "temperature": real(T) and T > 0, "fd_radius": real(r) and r > 0,
+              "influence_weight": real(self.influence_weight), "teacher_max_grad_norm": real(clip)
+              and clip >= 0, "distill_loss": self.distill_loss in ("ce", "mse"),
+              "influence": self.influence in ("fd", "exact"), "lookahead": self.lookahead in
+              ("sgd", "adamw")}
         if bad := [f"{k}={getattr(self, k)!r}" for k, good in ok.items() if not good]:
             raise ValueError("invalid option " + ", ".join(bad))
 
@@ -73,7 +72,7 @@ def student_loss(s_logits, t_logits, labels, opts):
     return (a * ground_truth_loss(s_logits, labels) + (1 - a) * distill).mean()
 
 def teacher_aux_loss(t_logits, s_logits, labels, opts):
-    """L_aux (eq. 11; the online teacher's whole loss, eq. 3): α L_ce(y, T) + (1 - α) D(S -> T)."""
+    """L_aux (eq. 11; all of the online teacher's loss, eq. 3): α L_ce(y, T) + (1 - α) D(S -> T)."""
     distill = distillation_loss(t_logits, s_logits.detach(), opts.distill_loss, opts.temperature)
     return (opts.alpha * ground_truth_loss(t_logits, labels) + (1 - opts.alpha) * distill).mean()
 
@@ -148,24 +147,23 @@ def influence_fd(student, v, inputs, t_logits, sample_loss, radius=0.01):
     """Distillation influence w_i = ∇θs D_i · v by central differences (eq. 10, appendix B):
         w_i ~ [D_i(T, S(θs + eps v)) - D_i(T, S(θs - eps v))] / (2 eps),    eps = r / ||v||,
     sample_loss(student_logits, teacher_logits) -> D_i per sample. Two student forwards without
-    grad or dropout (two masks make noise), in fp32; θs is never written; w keeps its graph to θt."""
+    grad or dropout (two masks make noise), in fp32; θs is not written; w keeps its graph to θt."""
     params, t_logits = trainable(student), upcast(t_logits)
     eps = radius / torch.nn.utils.get_total_norm(v).clamp_min(1e-30)  # v = 0: w = 0, not NaN
     step = [eps * d for d in v]
+    shifted = lambda sign: {name: p + sign * s for (name, p), s in zip(params.items(), step)}
     with full_precision(t_logits.device), torch.no_grad():
-        plus, minus = (forward(student, inputs, False, {name: p + sign * s for (name, p), s
-                                                        in zip(params.items(), step)})
-                       for sign in (1, -1))
+        plus, minus = (forward(student, inputs, False, shifted(sign)) for sign in (1, -1))
     return (sample_loss(plus, t_logits) - sample_loss(minus, t_logits)) / (2 * eps)
 
 def influence_exact(student, v, inputs, t_logits, sample_loss):
     """The same w_i exactly (eq. 8): one forward-mode pass gives s and ds = J v, w_i = dD_i/ds_i ·
     ds_i; θt enters through t_logits alone, so ∇θt w_i needs no graph through the student."""
-    names, params = zip(*trainable(student).items())
+    params = {name: p.detach() for name, p in trainable(student).items()}
+    tangents = dict(zip(params, v))
     try:
         with full_precision(t_logits.device):
-            s, ds = jvp(lambda p: forward(student, inputs, False, p),
-                        (dict(zip(names, (p.detach() for p in params))),), (dict(zip(names, v)),))
+            s, ds = jvp(lambda p: forward(student, inputs, False, p), (params,), (tangents,))
     except NotImplementedError as e:
         raise ValueError("influence 'exact' needs forward-mode AD through the student, which its "
                          "attention lacks: load it with attn_implementation='eager'") from e
@@ -207,7 +205,7 @@ def lgtm_step(teacher, student, teacher_optimizer, student_optimizer, batch, fee
               opts=Options()):
     """One iteration of Algorithm 1 on batches z^r and z^e (input_ids, attention_mask, labels, ...):
     the teacher's update, then the student's; no scheduler step, no read from the device, modes
-    kept. Cost with influence "fd", in forward passes (a backward counts 2): teacher 7, student 10."""
+    kept. Cost with influence "fd", in forward passes (a backward is 2): teacher 7, student 10."""
     inputs, labels = model_inputs(batch), batch["labels"]
     # Lines 2-7: the look-ahead θs', v = ∇θs L_val(θs'; z^e) and the influences w_i = ∇θs D_i · v.
     lr, _, s_logits, _, _, w, feedback_loss = lookahead_influence(
@@ -248,7 +246,7 @@ def kd_step(teacher, student, teacher_optimizer, student_optimizer, batch, feedb
 
 def online_step(teacher, student, teacher_optimizer, student_optimizer, batch,
                 feedback_batch=None, opts=Options()):
-    """Online distillation: the teacher learns L_aux (eq. 3); the student distils from it (eq. 4)."""
+    """Online distillation: the teacher learns L_aux (eq. 3); the student learns from it (eq. 4)."""
     inputs, labels = model_inputs(batch), batch["labels"]
     t_logits, s_logits = forward(teacher, inputs, True), forward(student, inputs, True)
     teacher_loss = teacher_aux_loss(t_logits, s_logits, labels, opts)                  # eq. 3
@@ -284,8 +282,7 @@ def meta_step(teacher, student, teacher_optimizer, student_optimizer, batch, fee
 STEPS = {"kd": kd_step, "online": online_step, "meta": meta_step, "lgtm": lgtm_step}
 
 # == 3. GLUE data: the Hub, or a local copy in the GLUE TSV or the Hub's parquet layout ========
-class UserError(Exception):
-    """Bad input, or a stopped run: main() prints the message as one line and exits with code."""
+class UserError(Exception):  # bad input, or a stopped run: main() prints one line, exits with code
     code = 1
 
 @dataclasses.dataclass(frozen=True)
@@ -352,11 +349,9 @@ def read_split(task, data_dir, split):
         except ValueError:
             raise UserError(f"{source}, {'line' if tsv else 'row'} {row + (1 + header) * bool(tsv)}"
                             f": label {y!r} is not one of {names or 'the numbers'}") from None
-    columns = {**dict(zip(("text_a", "text_b"), (list(ds[c]) for c in text))), "label": labels or
-               [-1] * len(ds), "idx": list(ds[idx]) if idx else list(range(len(ds)))}
-    kind = dict(text_a="string", text_b="string", label="int64" if names else "float64", idx="int64")
-    return datasets.Dataset.from_dict(columns, datasets.Features({c: datasets.Value(kind[c])
-                                                                  for c in columns}))
+    return datasets.Dataset.from_dict({**{k: list(ds[c]) for k, c in zip(("text_a", "text_b"), text)},
+                                       "label": labels or [-1] * len(ds),
+                                       "idx": list(ds[idx]) if idx else list(range(len(ds)))})
 
 def split_feedback(train, fraction, seed):
     """Appendix E.1: hold a random fraction of train out as the feedback set; train on the rest."""
@@ -432,11 +427,11 @@ def load_model(name, flag, num_labels, layers=None, attention="sdpa"):
     kept, size = f"first {layers} of {depth}" if layers else depth, model.num_parameters() / 1e6
     return model, f"{flag[2:]}: {kept} layers of {name} ({size:.1f}M parameters)"
 
-@torch.no_grad()
 def zero_classifier(model):
     """One-stage methods start both heads at zero, as the authors' code does (appendix F.1)."""
-    for p in [m for m in model.classifier.modules() if isinstance(m, torch.nn.Linear)][-1].parameters():
-        p.zero_()
+    head = [m for m in model.classifier.modules() if isinstance(m, torch.nn.Linear)][-1]
+    for p in head.parameters():
+        torch.nn.init.zeros_(p)
 
 def make_optimizer(model, lr, total_steps):
     """AdamW (fused on a GPU), the learning rate decaying linearly to 0 over total_steps."""
@@ -462,8 +457,7 @@ def compute_metrics(task, logits, labels):
     return {m: out[m] for m in task.metrics}
 
 def evaluate(model, dev, task, device):
-    """(metrics, collapsed): each dev split's (mnli's mismatched as mm_...) and 'score', the first
-    split's mean, which picks the best student; collapsed: the one class given it all, or None."""
+    """(dev metrics, mnli-mm's as mm_..., 'score' their mean; the class predicted for all or None)"""
     out, collapsed = {}, None
     for i, (loader, labels) in enumerate(dev.values()):
         metrics = compute_metrics(task, logits := predict(model, loader, device), labels)
@@ -479,10 +473,10 @@ class Run:
     """--output-dir: metrics.json (rewritten at each evaluation: a stopped run keeps its history),
     train_log.jsonl (each step's losses, and w with their rows), student/ (the best), teacher/."""
     def __init__(self, args, tokenizer):
-        self.args, self.dir, self.tokenizer, self.ratios = args, args.output_dir, tokenizer, []
+        self.dir, self.tokenizer, self.ratios = args.output_dir, tokenizer, []
         self.log_file = open(self.dir / "train_log.jsonl", "w")
-        self.metrics = {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-                        "status": "running", "notes": [], "warnings": [], "history": [], "best": None}
+        self.metrics = {"args": dict(vars(args)), "status": "running", "notes": [], "warnings": [],
+                        "history": [], "best": None}
 
     def note(self, message, warning=False):
         from tqdm import tqdm
@@ -496,19 +490,14 @@ class Run:
         self.ratios += [r["influence_aux_ratio"] for r in records if "influence_aux_ratio" in r]
         self.log_file.writelines(json.dumps(r) + "\n" for r in records)
         self.log_file.flush()
-        for r, name in [(r, k) for r in records for k in r if k.endswith("loss") and not math.isfinite(r[k])]:
-            self.stop(f"the {name.replace('_', ' ')} is {r[name]} at step {r['step']}")
+        for r, k in [(r, k) for r in records for k in r if "loss" in k and not math.isfinite(r[k])]:
+            raise UserError(f"stopped: the {k.replace('_', ' ')} is {r[k]} at step {r['step']}; is "
+                            f"a learning rate too high? (--student-lr, --teacher-lr, --finetune-lr)")
         return records
-
-    def stop(self, why):
-        a = self.args
-        raise UserError(f"stopped: {why}; is a learning rate too high? (--student-lr {a.student_lr:g}, "
-                        f"--teacher-lr {a.teacher_lr:g}, --finetune-lr {a.finetune_lr:g}, --precision "
-                        f"{a.precision})")
 
     def save(self, status=None):
         self.metrics["status"] = status or self.metrics["status"]
-        (self.dir / "metrics.json.tmp").write_text(json.dumps(self.metrics, indent=2))
+        (self.dir / "metrics.json.tmp").write_text(json.dumps(self.metrics, indent=2, default=str))
         (self.dir / "metrics.json.tmp").replace(self.dir / "metrics.json")
 
     def checkpoint(self, model, name):
@@ -516,8 +505,7 @@ class Run:
         self.tokenizer.save_pretrained(self.dir / name)
 
 def evaluate_both(step, teacher, student, data, args, opts, run, student_optimizer):
-    """Evaluate both (a warning for one that gives all of dev one class), keep the best student,
-    probe: w_i of fixed examples (lines 2-7, no update, random state restored), P(gold)."""
+    """Both evaluated (warned if collapsed), the best student kept, the probe's w_i and P(gold)."""
     entry = {"step": step, "epoch": round(step / len(data.train), 3)}
     for name, model in (("student", student), ("teacher", teacher)):
         entry[name], collapsed = evaluate(model, data.dev, data.task, args.device)
@@ -549,7 +537,7 @@ def finetune_teacher(teacher, data, args, run):
     from tqdm import tqdm
     total = min(max(1, math.ceil(len(data.train) * args.teacher_epochs)), args.max_steps or 2**62)
     optimizer, scheduler = make_optimizer(teacher, args.finetune_lr, total)
-    for step, batch in zip(tqdm(range(1, total + 1), "stage 1: teacher"), forever(data.train)):
+    for _, batch in zip(tqdm(range(total), "stage 1: teacher"), forever(data.train)):
         batch = to_device(batch, args.device)
         with data.autocast():
             loss = ground_truth_loss(forward(teacher, model_inputs(batch), True), batch["labels"]).mean()
@@ -557,12 +545,9 @@ def finetune_teacher(teacher, data, args, run):
         loss.backward()
         optimizer.step()
         scheduler.step()
-        if (step % args.logging_steps == 0 or step == total) and not math.isfinite(loss.item()):
-            run.stop(f"the fine-tuning loss is {loss.item()} at step {step}")
     run.metrics["teacher_finetuned"], collapsed = evaluate(teacher, data.dev, data.task, args.device)
-    run.note(f"fine-tuned teacher after {total} steps: {fmt(run.metrics['teacher_finetuned'])}")
-    if collapsed is not None:
-        run.note(f"the fine-tuned teacher predicts '{collapsed}' for every dev example", True)
+    run.note(f"fine-tuned teacher after {total} steps: {fmt(run.metrics['teacher_finetuned'])}"
+             + f": it predicts '{collapsed}' for every dev example" * bool(collapsed), bool(collapsed))
     run.checkpoint(teacher, "teacher_finetuned")
 
 def train_loop(teacher, student, data, args, opts, run):
@@ -619,8 +604,7 @@ def parse_args(argv=None):
     positive, count = number(float, lambda x: x > 0, "> 0"), number(int, lambda x: x > 0, "> 0")
     fraction = number(float, lambda x: 0 <= x <= 1, "in [0, 1]")
     nonnegative, gpus = number(float, lambda x: x >= 0, ">= 0"), torch.cuda.device_count()
-    p = argparse.ArgumentParser(description="Knowledge distillation on GLUE: LGTM (ACL 2023) and the "
-                                "paper's comparison methods.", formatter_class=HelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
     add = p.add_argument_group("data").add_argument
     add("--task", required=True, choices=TASKS, help="GLUE task")
     add("--data-dir", type=Path, help="GLUE as DIR/RTE/*.tsv or DIR/rte/*.parquet (default: the Hub)")
@@ -635,8 +619,8 @@ def parse_args(argv=None):
     add("--student-layers", type=count, help="keep the student's first N layers")
     add("--device", choices=["cpu"] + ["cuda", *(f"cuda:{i}" for i in range(gpus))] * bool(gpus),
         help="default: cuda where there is one")
-    add("--precision", choices=("fp32", "tf32", "bf16"), help="of all but the influence passes "
-        "(default: tf32 on CUDA, fp32 on CPU)")
+    add("--precision", choices=("fp32", "bf16", *["tf32"] * bool(gpus)), help="of all but the "
+        "influence passes (default: tf32 on CUDA, fp32 on CPU)")
     add("--compile", action="store_true", help="torch.compile teacher and student")
     add = p.add_argument_group("method").add_argument
     add("--method", choices=STEPS, default="lgtm", help="kd, online, meta (MetaDistil) or lgtm")
@@ -651,7 +635,7 @@ def parse_args(argv=None):
     add = p.add_argument_group("optimisation").add_argument
     add("--student-lr", type=positive, default=5e-5, help="student learning rate")
     add("--teacher-lr", type=positive, help="(default: meta 1e-5, as MetaDistil; others 3e-5)")
-    add("--teacher-max-grad-norm", type=nonnegative, help="meta: clip; 0: never (default: 1)")
+    add("--teacher-max-grad-norm", type=nonnegative, default=1.0, help="meta: clip; 0: never")
     add("--finetune-lr", type=positive, default=3e-5, help="kd, meta: stage 1's learning rate")
     add("--batch-size", type=count, default=32, help="training and feedback batch size")
     add("--eval-batch-size", type=count, default=128, help="evaluation batch size")
@@ -670,19 +654,17 @@ def parse_args(argv=None):
     regression, meta = not TASKS[args.task].labels, args.method == "meta"
     for flag, fault in (("--influence-weight", args.influence_weight != 1 and args.method != "lgtm"
                          and "applies to --method lgtm only"),
-                        ("--teacher-max-grad-norm", args.teacher_max_grad_norm is not None and not
-                         meta and "applies to --method meta only"),
+                        ("--teacher-max-grad-norm", args.teacher_max_grad_norm != 1 and not meta
+                         and "applies to --method meta only"),
                         ("--probe-samples", args.probe_samples and regression and "needs classes"),
                         ("--distill-loss", args.distill_loss == "ce" and regression and "stsb is a "
-                         "regression task and ce needs classes: use mse"),
-                        ("--precision", args.precision == "tf32" and not gpus and "needs CUDA")):
+                         "regression task and ce needs classes: use mse")):
         if fault:
             p.error(f"argument {flag}: {fault}")
     args.device = args.device or ("cuda" if gpus else "cpu")
     args.precision = args.precision or ("tf32" if args.device != "cpu" else "fp32")
     args.distill_loss = args.distill_loss or ("mse" if regression else "ce")
     args.teacher_lr = args.teacher_lr or (1e-5 if meta else 3e-5)  # meta: MetaDistil's recipe
-    args.teacher_max_grad_norm = 1.0 if args.teacher_max_grad_norm is None else args.teacher_max_grad_norm
     return args
 
 RUN_FILES = ("metrics.json", "train_log.jsonl", "student", "teacher", "teacher_finetuned", "predictions")
@@ -692,13 +674,13 @@ def run_experiment(args):
     import datasets
     import transformers
     task, feeds_back, out = TASKS[args.task], args.method in ("meta", "lgtm"), args.output_dir
-    try:
-        parent = next(p for p in [out, *out.absolute().parents] if p.exists())
+    try:  # an empty folder is all a failed start may leave
+        out.mkdir(parents=True, exist_ok=True)
         held = [name for name in RUN_FILES if (out / name).exists()]
-    except OSError as e:  # e.g. a name too long for the file system
+        if not os.access(out, os.W_OK | os.X_OK):
+            raise PermissionError(f"{out} is no writable folder")
+    except OSError as e:  # also a name too long for the file system
         raise UserError(f"--output-dir {out} cannot be written ({one_line(e)})") from None
-    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-        raise UserError(f"--output-dir {out} cannot be written ({parent} is no writable folder)")
     if held and not args.overwrite:
         raise UserError(f"--output-dir {out} already holds a run ({', '.join(held)}): pass "
                         f"--overwrite to replace it, or choose another --output-dir")
@@ -725,16 +707,16 @@ def run_experiment(args):
                         f"positions; pass --max-seq-length {positions} or less")
     loader = lambda ds, size, shuffle=False: make_loader(ds, tokenizer, args.max_seq_length, size,
                                                          shuffle, args.seed + (ds is feedback))
-    one_batch = lambda ds: to_device(next(iter(loader(ds, len(ds)))), args.device)
-    probe = torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed))[
-        :args.probe_samples or 0].sort().values.tolist()
+    first = lambda ds, size: to_device(next(iter(loader(ds, size))), args.device)  # one batch
+    rows = torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed))
+    probe = train.select(rows[:args.probe_samples or 0].sort().values.tolist())
     data = argparse.Namespace(
         task=task, train=loader(train, args.batch_size, True),
         feedback=loader(feedback, args.batch_size, True) if feeds_back else None,
         dev={s: (loader(raw[s], args.eval_batch_size), list(raw[s]["label"])) for s in task.dev_splits},
-        probe=probe and (one_batch(train.select(probe)), one_batch(feedback.select(range(min(
-            args.batch_size, len(feedback)))))), autocast=lambda: torch.autocast(
-            args.device.split(":")[0], torch.bfloat16, enabled=args.precision == "bf16"))
+        probe=len(probe) and (first(probe, len(probe)), first(feedback, args.batch_size)),
+        autocast=lambda: torch.autocast(args.device.split(":")[0], torch.bfloat16,
+                                        enabled=args.precision == "bf16"))
     teacher, student = teacher.to(args.device), student.to(args.device)
     if args.compile:
         teacher.compile()
@@ -743,22 +725,20 @@ def run_experiment(args):
     try:  # everything has loaded: only now may an old run in --output-dir go
         for path in (out / name for name in RUN_FILES):
             shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
-        out.mkdir(parents=True, exist_ok=True)
         run = Run(args, tokenizer)
     except OSError as e:
         raise UserError(f"--output-dir {out} cannot be written ({one_line(e)})") from None
     try:
-        run.metrics["probe_rows"] = list(train.select(probe)["idx"]) or None
-        uses = "feed back to the teacher" if feeds_back else f"are unused by {args.method}"
-        for note in (f"task {task.name}: {len(train)} training examples, method {args.method}, "
-                     f"device {args.device}, precision {args.precision}" + ", compiled" * args.compile,
-                     teacher_line, student_line, args.feedback_split and f"{len(feedback)} examples "
-                     f"held out of train (--feedback-split) {uses}", not args.feedback_split and
-                     feeds_back and "feedback batches z^e come from dev, as in the paper: dev is not "
-                     "held out", args.method == "meta" and f"meta takes MetaDistil's "
-                     f"--teacher-lr {args.teacher_lr:g}, --teacher-max-grad-norm {args.teacher_max_grad_norm:g}"):
-            if note:
-                run.note(note)
+        run.metrics["probe_rows"] = list(probe["idx"]) or None
+        run.note(f"task {task.name}: {len(train)} training examples, method {args.method}, device "
+                 f"{args.device}, precision {args.precision}" + ", compiled" * args.compile)
+        run.note(teacher_line)
+        run.note(student_line)
+        if args.feedback_split:
+            run.note(f"{len(feedback)} examples held out of train (--feedback-split) " + (
+                "feed back to the teacher" if feeds_back else f"are unused by {args.method}"))
+        elif feeds_back:
+            run.note("feedback batches z^e come from dev, as in the paper: dev is not held out")
         run.save()
         if args.method in ("kd", "meta") and args.teacher_epochs > 0:
             finetune_teacher(teacher, data, args, run)
@@ -810,9 +790,9 @@ def main(argv=None):
         print(f"error: {e}", file=sys.stderr)
         sys.exit(e.code)
     except KeyboardInterrupt as e:  # while loading, before the run had written anything
-        print(f"error: interrupted ({(e.args or ['Ctrl-C'])[0]}) before training; nothing was "
-              f"written", file=sys.stderr)
-        sys.exit(130)
+        cause = (e.args or ["Ctrl-C"])[0]
+        print(f"error: interrupted ({cause}) before training; nothing was written", file=sys.stderr)
+        sys.exit(143 if cause == "SIGTERM" else 130)
     finally:
         signal.signal(signal.SIGTERM, previous)
 

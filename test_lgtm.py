@@ -813,9 +813,8 @@ def test_cli_end_to_end(model_dir, tmp_path, capsys, method, extra):
     if method == "lgtm":
         assert all(r["influence_aux_ratio"] > 0 for r in log[1:])
         assert saved["influence_aux_ratio"]["median"] > 0
-    if method == "meta":
-        assert any("--teacher-lr 1e-05" in n and "--teacher-max-grad-norm 1" in n
-                   for n in saved["notes"])
+    if method == "meta":  # MetaDistil's recipe, resolved and recorded
+        assert saved["args"]["teacher_lr"] == 1e-5 and saved["args"]["teacher_max_grad_norm"] == 1
     if method in ("kd", "meta"):
         assert (out / "teacher_finetuned" / "config.json").is_file() and "teacher_finetuned" in saved
     if "--predict" in extra:
@@ -955,7 +954,7 @@ def test_cli_stops_on_a_non_finite_loss_and_keeps_the_last_checkpoint(model_dir,
         lgtm.main(cli(model_dir, out, "--student-lr", "1e35", "--eval-steps", "1",
                       "--logging-steps", "1", "--max-steps", "6", method="online"))
     message = capsys.readouterr().err
-    assert ("loss is nan" in message or "loss is inf" in message) and "--student-lr 1e+35" in message
+    assert ("loss is nan" in message or "loss is inf" in message) and "--student-lr" in message
     saved = json.loads((out / "metrics.json").read_text())
     assert saved["status"].startswith("stopped") and saved["history"]
     assert (out / "student" / "config.json").is_file()
@@ -1007,7 +1006,7 @@ PARSE_CASES = [  # (extra flags, what the error line must name): argument parsin
     (["--influence-weight", "nan"], "--influence-weight"),
     (["--influence-weight", "-1"], "--influence-weight"),
     (["--influence-weight", "2", "--method", "online"], "--influence-weight"),
-    (["--teacher-max-grad-norm", "1"], "--teacher-max-grad-norm"),
+    (["--teacher-max-grad-norm", "0.5"], "--teacher-max-grad-norm"),
     (["--precision", "tf32"], "--precision"), (["--precision", "fp16"], "--precision"),
     (["--task", "rtee"], "--task"), (["--method", "dkd"], "--method"),
     (["--task", "stsb", "--distill-loss", "ce"], "--distill-loss"),
