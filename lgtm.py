@@ -175,10 +175,10 @@ def influence_objective(w, student_lr, student_alpha=0.0, weight=1.0):
     """The term the teacher adds to its loss for the student (eq. 9-11, sign corrected):
         -weight ηs (1 - αs) mean_i w_i.
     Why (appendix A): the student steps θs' = θs - ηs ∇θs L_s, and L_s holds (1 - αs) mean_i D_i.
-    To first order L_val(θs') = L_val(θs) - ηs ∇θs L_s · v, whose teacher gradient is
-    -ηs (1 - αs) ∇θt mean_i (∇θs D_i · v): this term's, with weight 1. Descending it RAISES the
-    influences and lowers the student's held-out loss after its step. The printed eq. 10-11 add
-    +mean w, which points the other way; the authors' code subtracts, as here."""
+    By the chain rule through that step, ∇θt L_val(θs') = -ηs (1 - αs) ∇θt mean_i (∇θs D_i · v)
+    with v = ∇θs L_val(θs') held fixed: this term's gradient, with weight 1. Descending it RAISES
+    the influences and lowers the student's held-out loss after its step. The printed eq. 10-11
+    add +mean w, which points the other way; the authors' code subtracts, as here."""
     return -weight * student_lr * (1 - student_alpha) * w.mean()
 
 def lookahead_influence(teacher, student, student_optimizer, batch, feedback_batch, opts):

@@ -35,6 +35,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -1219,12 +1220,28 @@ def test_committed_tutorial_has_the_outputs_of_a_full_run():
     code = [c for c in nb.cells if c.cell_type == "code"]
     assert [c.execution_count for c in code] == list(range(1, len(code) + 1)), "run it in order"
     outputs = [o for c in code for o in c.outputs]
-    assert not [o for o in outputs if o.output_type == "error"]
-    assert sum("image/png" in o.get("data", {}) for o in outputs) >= 8  # every plot of the story
+    assert not [o for o in outputs if o.output_type == "error" or o.get("name") == "stderr"]
+    images = sum("image/png" in o.get("data", {}) for o in outputs)
+    assert images == sum(c.source.count("plt.show()") for c in code) >= 5  # every plot of the story
+
+
+def test_tutorial_prose_quotes_only_numbers_its_cells_print():
+    """Every decimal number of the notebook's text (0.01, 1e-6, 2e-4 ...) appears in a code cell's
+    source or output: the prose states no result that the cells do not show."""
+    import nbformat
+    nb = nbformat.read(TUTORIAL, as_version=4)
+    shown = "".join(c.source + "".join(o.get("text", "") for o in c.outputs)
+                    for c in nb.cells if c.cell_type == "code")
+    number = r"(?<![\w.])(\d+\.\d+(?:e-?\d+)?|\d+e-?\d+)(?!\w|\.\d)"  # 0.01, 2e-4; not 10-11
+    quoted = {m for c in nb.cells if c.cell_type == "markdown"
+              for m in re.findall(number, c.source.replace("2305.09651", ""))}  # the arXiv id
+    assert quoted and not [m for m in sorted(quoted) if m not in shown]
 
 
 @needs_minilm
 def test_tutorial_runs_top_to_bottom():
+    """Executed as committed: its assertions hold (the per-sample gradients sum to the meta-
+    gradient), the sign is right, and the student learns SST-2 in the live run."""
     import nbformat
     from nbclient import NotebookClient
     nb = nbformat.read(TUTORIAL, as_version=4)
@@ -1235,4 +1252,4 @@ def test_tutorial_runs_top_to_bottom():
     assert "cosine(autograd meta-gradient, gradient of -ηs (1 - αs) mean w) = +1.000000" in printed
     final = dict(part.split("=") for part in printed.split("final dev accuracy:")[1]
                  .splitlines()[0].split())
-    assert min(float(final["online"]), float(final["lgtm"])) >= float(final["majority"]) + 0.10
+    assert float(final["lgtm"]) >= float(final["majority"]) + 0.10
