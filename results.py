@@ -118,9 +118,10 @@ def plot_influence(runs, path, plt):
         right.axhline(0, color="gray", lw=0.8)
         right.set(title="the examples of lowest and highest mean w_i", xlabel="training step",
                   ylabel="w_i")
-        twin.set(ylabel="probability of the gold label", ylim=(0, 1))
-        right.legend(loc="upper left", fontsize=7)
-        twin.legend(loc="upper right", fontsize=7)
+        twin.set(ylabel="probability of the gold label (note the range)")
+        handles = [axis.get_legend_handles_labels() for axis in (right, twin)]
+        right.legend(handles[0][0] + handles[1][0], handles[0][1] + handles[1][1], loc="upper left",
+                     fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
