@@ -670,7 +670,7 @@ def parse_args(argv=None):
 RUN_FILES = ("metrics.json", "train_log.jsonl", "student", "teacher", "teacher_finetuned", "predictions")
 
 def run_experiment(args):
-    """All is checked and loaded before --output-dir is touched: a failed start loses no run."""
+    """Loads and checks all before an old run in --output-dir goes: a failed start loses none."""
     import datasets
     import transformers
     task, feeds_back, out = TASKS[args.task], args.method in ("meta", "lgtm"), args.output_dir
