@@ -31,16 +31,15 @@ MATMUL = {"fp32": "highest", "tf32": "high", "bf16": "high"}
 
 
 def parse_args(argv=None):
-    count = lgtm.number(int, lambda x: x > 0, "> 0")
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=lgtm.HelpFormatter)
     p.add_argument("--size", choices=SIZES, default="base", help="random BERTs of this size")
     p.add_argument("--teacher", help="a checkpoint (Hub name or folder) instead of random BERTs")
     p.add_argument("--student", help="the student's checkpoint (default: --teacher)")
-    p.add_argument("--student-layers", type=count, help="keep the student's first N layers")
-    p.add_argument("--batch-size", type=count, default=32, help="sequences per batch")
-    p.add_argument("--seq-length", type=count, default=128, help="tokens per sequence")
-    p.add_argument("--steps", type=count, default=20, help="timed steps per row")
+    p.add_argument("--student-layers", type=lgtm.COUNT, help="keep the student's first N layers")
+    p.add_argument("--batch-size", type=lgtm.COUNT, default=32, help="sequences per batch")
+    p.add_argument("--seq-length", type=lgtm.COUNT, default=128, help="tokens per sequence")
+    p.add_argument("--steps", type=lgtm.COUNT, default=20, help="timed steps per row")
     p.add_argument("--warmup", type=lgtm.number(int, lambda x: x >= 0, ">= 0"), default=3,
                    help="untimed steps first (allocator, kernels, autotuning)")
     p.add_argument("--precision", nargs="+", choices=MATMUL, help="default: fp32 tf32 bf16 on "
@@ -50,28 +49,39 @@ def parse_args(argv=None):
     p.add_argument("--compile", action="store_true", help="also kd and lgtm, compiled")
     p.add_argument("--device", help="cpu or cuda (default: cuda where there is one)")
     args = p.parse_args(argv)
-    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    args.precision = args.precision or (["fp32", "tf32", "bf16"] if args.device != "cpu"
-                                        else ["fp32"])
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.precision is None:
+        args.precision = ["fp32"]
+        if args.device != "cpu":
+            args.precision = ["fp32", "tf32", "bf16"]
     return args
 
 
 def build_models(args):
     """Teacher, student, and the same student with eager attention (the exact path needs it)."""
     if args.teacher:
-        student = args.student or args.teacher
-        make = lambda attention: lgtm.load_model(student, "--student", 2, args.student_layers,
-                                                 attention)[0]
-        return lgtm.load_model(args.teacher, "--teacher", 2)[0], make("sdpa"), make("eager")
-    bert = lambda shape, attention: transformers.BertForSequenceClassification(
-        transformers.BertConfig(num_hidden_layers=shape[0], hidden_size=shape[1],
-                                num_attention_heads=shape[2], intermediate_size=shape[3],
-                                num_labels=2, attn_implementation=attention))
+        student_name = args.student or args.teacher
+        teacher, _ = lgtm.load_model(args.teacher, "--teacher", 2)
+        student, _ = lgtm.load_model(student_name, "--student", 2, args.student_layers, "sdpa")
+        student_eager, _ = lgtm.load_model(student_name, "--student", 2, args.student_layers,
+                                           "eager")
+        return teacher, student, student_eager
+    teacher_shape, student_shape = SIZES[args.size]
     torch.manual_seed(0)
-    teacher, student = bert(SIZES[args.size][0], "sdpa"), bert(SIZES[args.size][1], "sdpa")
-    student_eager = bert(SIZES[args.size][1], "eager")
+    teacher = random_bert(teacher_shape, "sdpa")
+    student = random_bert(student_shape, "sdpa")
+    student_eager = random_bert(student_shape, "eager")
     student_eager.load_state_dict(student.state_dict())
     return teacher, student, student_eager
+
+
+def random_bert(shape, attention):
+    layers, hidden, heads, intermediate = shape
+    config = transformers.BertConfig(num_hidden_layers=layers, hidden_size=hidden,
+                                     num_attention_heads=heads, intermediate_size=intermediate,
+                                     num_labels=2, attn_implementation=attention)
+    return transformers.BertForSequenceClassification(config)
 
 
 def random_batch(args, vocab_size, seed):
@@ -90,29 +100,36 @@ def sync(device):
 
 
 def time_step(args, models, batches, precision, method, influence, compiled=False):
+    """The median seconds of a step of the method on fresh copies of the models, and the peak
+    GPU memory in MiB (None on a CPU)."""
     teacher, student, student_eager = models
     teacher = copy.deepcopy(teacher)
-    student = copy.deepcopy(student_eager if influence == "exact" else student)
+    if influence == "exact":
+        student = copy.deepcopy(student_eager)
+    else:
+        student = copy.deepcopy(student)
     if compiled:
-        teacher.compile()
-        student.compile()
-    (t_opt, _), (s_opt, _) = (lgtm.make_optimizer(m, lr, 10_000)
-                              for m, lr in ((teacher, 3e-5), (student, 5e-5)))
+        torch._dynamo.reset()  # graphs compiled for the models of other rows stay out
+        lgtm.compile_models(teacher, student)
+    teacher_optimizer, _ = lgtm.make_optimizer(teacher, 3e-5, 10_000)
+    student_optimizer, _ = lgtm.make_optimizer(student, 5e-5, 10_000)
     opts = lgtm.Options(influence=influence)
-    cuda = torch.device(args.device).type == "cuda"
-    if cuda:
+    device_type = torch.device(args.device).type
+    if device_type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     times = []
     for _ in range(args.warmup + args.steps):
         sync(args.device)
         started = time.perf_counter()
-        with torch.autocast(torch.device(args.device).type, torch.bfloat16,
-                            enabled=precision == "bf16"):
-            lgtm.STEPS[method](teacher, student, t_opt, s_opt, *batches, opts)
+        with torch.autocast(device_type, torch.bfloat16, enabled=precision == "bf16"):
+            lgtm.STEPS[method](teacher, student, teacher_optimizer, student_optimizer, *batches,
+                               opts)
         sync(args.device)
         times.append(time.perf_counter() - started)
-    peak = torch.cuda.max_memory_allocated() / 2 ** 20 if cuda else None
+    peak = None
+    if device_type == "cuda":
+        peak = torch.cuda.max_memory_allocated() / 2 ** 20
     return statistics.median(times[args.warmup:]), peak
 
 
@@ -136,19 +153,46 @@ def agreement(args, models, precision, batch_pairs):
     worst = [1.0] * 4
     for batch, feedback in batch_pairs:
         params = lgtm.trainable(student)  # v after an SGD look-ahead step, as in training
-        loss = lgtm.distillation_loss(student(**lgtm.model_inputs(batch)).logits,
-                                      teacher(**lgtm.model_inputs(batch)).logits.detach()).mean()
+        inputs = lgtm.model_inputs(batch)
+        teacher_logits = teacher(**inputs).logits.detach()
+        loss = lgtm.distillation_loss(student(**inputs).logits, teacher_logits).mean()
         grads = torch.autograd.grad(loss, list(params.values()))
-        v, _ = lgtm.feedback_gradient(student, lgtm.lookahead_params(params, grads, None, 5e-5),
-                                      feedback)
-        (w_fd, g_fd), (w_ex, g_ex), (w_ref, g_ref) = (
-            influence_and_gradient(kind, teacher, student, batch, v, p)
-            for kind, p in (("fd", precision), ("exact", precision), ("exact", "fp32")))
-        corr = lambda a, b: torch.corrcoef(torch.stack([a, b]))[0, 1].item()
-        cos = lambda a, b: torch.nn.functional.cosine_similarity(a, b, dim=0).item()
-        worst = [min(x, y) for x, y in zip(worst, (corr(w_fd, w_ex), cos(g_fd, g_ex),
-                                                   corr(w_fd, w_ref), cos(g_fd, g_ref)))]
+        theta_next = lgtm.lookahead_params(params, grads, None, 5e-5)
+        v, _ = lgtm.feedback_gradient(student, theta_next, feedback)
+        w_fd, g_fd = influence_and_gradient("fd", teacher, student, batch, v, precision)
+        w_exact, g_exact = influence_and_gradient("exact", teacher, student, batch, v, precision)
+        w_ref, g_ref = influence_and_gradient("exact", teacher, student, batch, v, "fp32")
+        figures = (correlation(w_fd, w_exact), cosine(g_fd, g_exact), correlation(w_fd, w_ref),
+                   cosine(g_fd, g_ref))
+        worst = [min(x, y) for x, y in zip(worst, figures)]
     return worst
+
+
+def correlation(a, b):
+    return torch.corrcoef(torch.stack([a, b]))[0, 1].item()
+
+
+def cosine(a, b):
+    return torch.nn.functional.cosine_similarity(a, b, dim=0).item()
+
+
+def parameters_in_millions(model):
+    return sum(p.numel() for p in model.parameters()) / 1e6
+
+
+def device_name(args):
+    if torch.device(args.device).type == "cuda":
+        return torch.cuda.get_device_name(args.device)
+    return f"CPU ({torch.get_num_threads()} threads)"
+
+
+def row_name(method, influence, compiled):
+    name = method
+    if method in ("meta", "lgtm"):
+        name += f" ({influence})"
+    if compiled:
+        name += ", compiled"
+    return name
 
 
 def main(argv=None):
@@ -156,44 +200,53 @@ def main(argv=None):
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
     models = tuple(m.to(args.device) for m in build_models(args))
-    vocab = models[0].config.vocab_size
+    teacher, student, _ = models
+    vocab = teacher.config.vocab_size
     batches = (random_batch(args, vocab, 0), random_batch(args, vocab, 1))
-    cuda = torch.device(args.device).type == "cuda"
-    device = torch.cuda.get_device_name(args.device) if cuda else \
-        f"CPU ({torch.get_num_threads()} threads)"
-    count = lambda m: sum(p.numel() for p in m.parameters()) / 1e6
-    print(f"device: {device}; torch {torch.__version__}, transformers {transformers.__version__}")
-    print(f"teacher {models[0].config.num_hidden_layers} layers ({count(models[0]):.0f}M), "
-          f"student {models[1].config.num_hidden_layers} layers ({count(models[1]):.0f}M); "
-          f"batch {args.batch_size} x seq {args.seq_length}; median of {args.steps} steps after "
-          f"{args.warmup} warm-up")
-    compiled = [("kd", "fd", True), ("lgtm", "fd", True)] if args.compile else []
+    print(f"device: {device_name(args)}; torch {torch.__version__}, transformers "
+          f"{transformers.__version__}")
+    print(f"teacher {teacher.config.num_hidden_layers} layers "
+          f"({parameters_in_millions(teacher):.0f}M), student {student.config.num_hidden_layers} "
+          f"layers ({parameters_in_millions(student):.0f}M); batch {args.batch_size} x seq "
+          f"{args.seq_length}; median of {args.steps} steps after {args.warmup} warm-up")
+    rows = [(method, influence, False) for method, influence in ROWS]
+    if args.compile:
+        rows += [("kd", "fd", True), ("lgtm", "fd", True)]
     for precision in args.precision:
         torch.set_float32_matmul_precision(MATMUL[precision])
         print(f"\n{precision}:  {'step':24} {'attention':9} {'ms/step':>9} {'samples/s':>10} "
               f"{'peak MiB':>9} {'x kd':>6}")
         kd_seconds = None
-        for method, influence, compile_ in [(m, i, False) for m, i in ROWS] + compiled:
+        for method, influence, compiled in rows:
             seconds, peak = time_step(args, models, batches, precision, method, influence,
-                                      compile_)
-            kd_seconds = kd_seconds or seconds
-            name = method + (f" ({influence})" if method in ("meta", "lgtm") else "") + \
-                (", compiled" if compile_ else "")
-            peak = f"{peak:9.0f}" if peak is not None else f"{'-':>9}"
-            print(f"{'':7}{name:24} {'eager' if influence == 'exact' else 'sdpa':9} "
-                  f"{1000 * seconds:9.1f} {args.batch_size / seconds:10.1f} {peak} "
+                                      compiled)
+            if kd_seconds is None:
+                kd_seconds = seconds
+            attention = "sdpa"
+            if influence == "exact":
+                attention = "eager"
+            peak_text = f"{'-':>9}"
+            if peak is not None:
+                peak_text = f"{peak:9.0f}"
+            print(f"{'':7}{row_name(method, influence, compiled):24} {attention:9} "
+                  f"{1000 * seconds:9.1f} {args.batch_size / seconds:10.1f} {peak_text} "
                   f"{seconds / kd_seconds:6.2f}", flush=True)
         torch.set_float32_matmul_precision("highest")
     if args.agreement_batches:
-        pairs = [(random_batch(args, vocab, 10 + 2 * i), random_batch(args, vocab, 11 + 2 * i))
-                 for i in range(args.agreement_batches)]
-        print(f"\nFD (r = 0.01) against exact influences, worst of {len(pairs)} batches; same: "
-              f"exact at the same precision, fp32: exact in strict fp32")
-        print(f"{'precision':10} {'corr w (same)':>14} {'cos grad (same)':>16} {'corr w (fp32)':>14} "
-              f"{'cos grad (fp32)':>16}")
-        for precision in args.precision:
-            print(f"{precision:10} " + " ".join(f"{x:{n}.6f}" for x, n in zip(
-                agreement(args, models, precision, pairs), (14, 16, 14, 16))), flush=True)
+        print_agreement(args, models, vocab)
+
+
+def print_agreement(args, models, vocab):
+    pairs = [(random_batch(args, vocab, 10 + 2 * i), random_batch(args, vocab, 11 + 2 * i))
+             for i in range(args.agreement_batches)]
+    print(f"\nFD (r = 0.01) against exact influences, worst of {len(pairs)} batches; same: "
+          f"exact at the same precision, fp32: exact in strict fp32")
+    print(f"{'precision':10} {'corr w (same)':>14} {'cos grad (same)':>16} "
+          f"{'corr w (fp32)':>14} {'cos grad (fp32)':>16}")
+    for precision in args.precision:
+        worst = agreement(args, models, precision, pairs)
+        figures = " ".join(f"{x:{n}.6f}" for x, n in zip(worst, (14, 16, 14, 16)))
+        print(f"{precision:10} {figures}", flush=True)
 
 
 if __name__ == "__main__":

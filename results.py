@@ -25,25 +25,36 @@ import numpy as np
 
 
 def load_runs(roots):
-    runs, skipped = [], []
+    """The finished runs under the folders, and the paths of those skipped (not finished)."""
+    runs = []
+    skipped = []
     for root in roots:
         for path in sorted(Path(root).rglob("metrics.json")):
             metrics = json.loads(path.read_text())
             if metrics.get("status") != "finished" or not metrics.get("best"):
                 skipped.append(f"{path.parent} ({metrics.get('status')})")
                 continue
-            args = metrics["args"]
-            weight = float(args.get("influence_weight", 1.0))
-            runs.append({
-                "name": path.parent.name, "task": args["task"], "seed": args["seed"],
-                "method": args["method"] + (f" λ={weight:g}" if weight != 1.0 else ""),
-                "feedback": f"split {float(args['feedback_split']):g}"
-                if float(args.get("feedback_split") or 0) else "dev",
-                "score": 100 * metrics["best"]["student"]["score"], "history": metrics["history"],
-                "collapsed": "student" in metrics["best"].get("collapsed", []),
-                "ratio": (metrics.get("influence_aux_ratio") or {}).get("median"),
-                "probe_rows": metrics.get("probe_rows")})
+            runs.append(run_summary(path.parent.name, metrics))
     return runs, skipped
+
+
+def run_summary(name, metrics):
+    """What the table and the figures need of one run's metrics.json."""
+    args = metrics["args"]
+    method = args["method"]
+    weight = float(args.get("influence_weight", 1.0))
+    if weight != 1.0:
+        method += f" λ={weight:g}"
+    feedback = "dev"
+    split = float(args.get("feedback_split") or 0)
+    if split:
+        feedback = f"split {split:g}"
+    ratio = (metrics.get("influence_aux_ratio") or {}).get("median")
+    return {"name": name, "task": args["task"], "seed": args["seed"], "method": method,
+            "feedback": feedback, "score": 100 * metrics["best"]["student"]["score"],
+            "history": metrics["history"],
+            "collapsed": "student" in metrics["best"].get("collapsed", []), "ratio": ratio,
+            "probe_rows": metrics.get("probe_rows")}
 
 
 def summarise(runs):
@@ -54,11 +65,15 @@ def summarise(runs):
     for (task, method, feedback), members in sorted(groups.items()):
         scores = np.array([r["score"] for r in members])
         ratios = [r["ratio"] for r in members if r["ratio"] is not None]
+        std = 0.0
+        if len(scores) > 1:
+            std = float(scores.std(ddof=1))  # the sample standard deviation
+        median_ratio = None
+        if ratios:
+            median_ratio = float(np.median(ratios))
         rows.append({"task": task, "method": method, "feedback": feedback, "n": len(scores),
-                     "mean": float(scores.mean()),
-                     "std": float(scores.std(ddof=1)) if len(scores) > 1 else 0.0,
-                     "collapsed": sum(r["collapsed"] for r in members),
-                     "ratio": float(np.median(ratios)) if ratios else None})
+                     "mean": float(scores.mean()), "std": std,
+                     "collapsed": sum(r["collapsed"] for r in members), "ratio": median_ratio})
     return rows
 
 
@@ -66,7 +81,9 @@ def markdown(rows):
     lines = ["| task | feedback | method | dev score, mean ± std | n | collapsed | "
              "median ‖∇ influence‖ / ‖∇ L_aux‖ |", "| --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
-        ratio = f"{r['ratio']:.1e}" if r["ratio"] is not None else "—"
+        ratio = "—"
+        if r["ratio"] is not None:
+            ratio = f"{r['ratio']:.1e}"
         lines.append(f"| {r['task']} | {r['feedback']} | {r['method']} | {r['mean']:.2f} ± "
                      f"{r['std']:.2f} | {r['n']} | {r['collapsed']} | {ratio} |")
     return "\n".join(lines)
