@@ -28,6 +28,7 @@ import shutil
 import signal
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import NamedTuple
 
@@ -126,10 +127,81 @@ def teacher_aux_loss(teacher_logits, student_logits, labels, opts):
 MODEL_INPUTS = ("input_ids", "token_type_ids", "attention_mask")
 
 
+def micro_batches(batch, name):
+    """The batch as its list of micro-batches, each checked: [batch] if it is given whole (a
+    dict), or the micro-batches it is given as, which together make the step's batch."""
+    if batch is None:
+        raise ValueError(f"{name} is None: give a batch, a dict of tensors with input_ids and "
+                         f"labels (meta and lgtm need a feedback batch z^e of held-out examples)")
+    if isinstance(batch, Mapping):
+        batches = [batch]
+    else:
+        batches = list(batch)
+    if not batches:
+        raise ValueError(f"{name} is an empty list of micro-batches: give at least one")
+    for micro_batch in batches:
+        check_batch(micro_batch, name)
+    return batches
+
+
+def check_batch(batch, name):
+    if not isinstance(batch, Mapping):
+        raise ValueError(f"{name} is a {type(batch).__name__}: give a dict of tensors "
+                         f"(input_ids, attention_mask, labels, ...) or a list of such dicts")
+    for key in ("input_ids", "labels"):
+        if key not in batch:
+            raise ValueError(f"{name} has no {key!r} (it has {sorted(batch)}): the models are "
+                             f"given input_ids, token_type_ids and attention_mask, and the "
+                             f"labels are read under 'labels'")
+    if len(batch["labels"]) == 0:
+        raise ValueError(f"{name} holds no examples: give at least one")
+
+
+def row_weights(batches):
+    """Each micro-batch's share of the examples: the weight of its mean loss in the batch's."""
+    sizes = [len(batch["labels"]) for batch in batches]
+    return [size / sum(sizes) for size in sizes]
+
+
 def model_inputs(batch):
     """What a model is given of a batch: input_ids, and token_type_ids and attention_mask where
     the batch has them."""
     return {key: batch[key] for key in MODEL_INPUTS if key in batch}
+
+
+def forward(model, inputs, train, params=None):
+    """The model's logits in fp32, with dropout (train) or without, at its own parameters or at
+    params (name -> tensor). Every submodule's mode is restored afterwards."""
+    with mode(model, train):
+        if params is None:
+            output = model(**inputs)
+        else:
+            output = functional_call(model, params, (), inputs)
+    return upcast(logits_of(output))
+
+
+@contextlib.contextmanager
+def mode(model, train):
+    """The model in training (dropout on) or eval mode; each submodule's own mode afterwards."""
+    modes = [(module, module.training) for module in model.modules()]
+    model.train(train)
+    try:
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
+def logits_of(output):
+    """A model's logits (batch, classes): its output's .logits, as transformers' classifiers
+    return, or the output itself if it is a tensor."""
+    logits = output
+    if not isinstance(output, torch.Tensor):
+        logits = getattr(output, "logits", None)
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
+        raise ValueError(f"a model returned a {type(output).__name__}: the steps need logits of "
+                         f"shape (batch, classes), as a tensor or as the output's .logits")
+    return logits
 
 
 def upcast(x):
@@ -137,21 +209,6 @@ def upcast(x):
     if x.dtype in (torch.float16, torch.bfloat16):
         return x.float()
     return x
-
-
-def forward(model, inputs, train, params=None):
-    """The model's logits in fp32, with dropout (train) or without, at its own parameters or at
-    params (a dict of name -> tensor); the model's mode is restored afterwards."""
-    was_training = model.training
-    model.train(train)
-    try:
-        if params is None:
-            output = model(**inputs)
-        else:
-            output = functional_call(model, params, (), inputs)
-        return upcast(output.logits)
-    finally:
-        model.train(was_training)
 
 
 @contextlib.contextmanager
@@ -167,9 +224,40 @@ def full_precision(device):
         torch.set_float32_matmul_precision(previous)
 
 
+def check_precision(student):
+    """Refuses the two settings that would defeat full_precision or the teacher's update."""
+    if "_original_forward" in vars(student):
+        raise ValueError("the student's forward is wrapped in autocast (accelerate's mixed "
+                         "precision does this, as under Hugging Face Trainer with bf16 or fp16), "
+                         "which would run the influence passes in low precision: step the model "
+                         "that accelerator.unwrap_model(student, keep_fp32_wrapper=False) gives, "
+                         "inside accelerator.autocast()")
+    device_type = next(student.parameters()).device.type
+    if torch.is_autocast_enabled(device_type):
+        if torch.get_autocast_dtype(device_type) == torch.float16:
+            raise ValueError("fp16 autocast needs a GradScaler, which the teacher's update does "
+                             "not take: use bf16 autocast (no scaler needed) or fp32")
+
+
 def trainable(model):
     """The parameters that require grad, by name."""
     return {name: p for name, p in model.named_parameters() if p.requires_grad}
+
+
+def accumulate(total, grads):
+    """total + grads, elementwise over two lists of gradients (None: no gradient); total None:
+    the first of a sum."""
+    if total is None:
+        return list(grads)
+    summed = []
+    for a, b in zip(total, grads):
+        if a is None:
+            summed.append(b)
+        elif b is None:
+            summed.append(a)
+        else:
+            summed.append(a + b)
+    return summed
 
 
 def student_lr(optimizer, lookahead="sgd"):
@@ -185,6 +273,11 @@ def student_lr(optimizer, lookahead="sgd"):
 
 
 def check_plain_adamw(optimizer):
+    inner = getattr(optimizer, "optimizer", None)  # accelerate's AcceleratedOptimizer wraps one
+    if type(optimizer) is not torch.optim.AdamW and type(inner) is torch.optim.AdamW:
+        raise ValueError(f"lookahead 'adamw' reads the state of a torch.optim.AdamW, and this "
+                         f"{type(optimizer).__name__} wraps one: pass that one "
+                         f"(with Hugging Face Trainer, trainer.optimizer.optimizer)")
     if type(optimizer) is not torch.optim.AdamW:
         raise ValueError(f"lookahead 'adamw' simulates torch.optim.AdamW, not this "
                          f"{type(optimizer).__name__}: use lookahead 'sgd'")
@@ -226,13 +319,66 @@ def adamw_lookahead(params, grads, optimizer, lr):
     return new
 
 
+class StudentLookAhead(NamedTuple):
+    """Lines 2-4 of Algorithm 1 on the micro-batches of z^r."""
+
+    student_lr: float  # ηs
+    theta_next: dict  # θs' = θs - ηs ∇θs L_s, new tensors by name
+    student_grads: list  # ∇θs L_s (eq. 1), the look-ahead's gradient
+    student_loss: torch.Tensor  # L_s at θs
+    teacher_targets: list  # per micro-batch: the teacher's logits without dropout
+    student_logits: list  # per micro-batch: the student's logits with dropout
+    # With one micro-batch, its teacher_targets and student_logits keep their graphs for lines
+    # 7-9; with more, no graph is kept, so that memory stays that of one micro-batch.
+
+
+def student_lookahead(teacher, student, student_optimizer, batches, opts):
+    """Lines 2-4 of Algorithm 1: L_s on z^r and the look-ahead θs' = θs - ηs ∇θs L_s (eq. 1-2),
+    as new tensors; nothing is updated."""
+    lr = student_lr(student_optimizer, opts.lookahead)
+    params = list(trainable(student).values())
+    keep_graphs = len(batches) == 1
+    grads = None
+    losses = []
+    teacher_targets = []
+    student_logits = []
+    for batch, weight in zip(batches, row_weights(batches)):
+        inputs = model_inputs(batch)
+        # Line 2: z^r. The student's targets come from the teacher without dropout, as in its
+        # real update (the teacher's own loss sees dropout: teacher_gradient).
+        with torch.set_grad_enabled(keep_graphs):
+            targets = forward(teacher, inputs, False)
+        logits = forward(student, inputs, True)
+        # Line 3: L_s (eq. 1) and its gradient.
+        loss = weight * student_loss(logits, targets, batch["labels"], opts)
+        g = torch.autograd.grad(loss, params, retain_graph=keep_graphs, materialize_grads=True)
+        grads = accumulate(grads, g)
+        losses.append(loss.detach())
+        if not keep_graphs:
+            logits = logits.detach()
+        teacher_targets.append(targets)
+        student_logits.append(logits)
+    # Line 4: θs' (eq. 2), as new tensors.
+    theta_next = lookahead_params(trainable(student), grads, student_optimizer, lr,
+                                  opts.lookahead)
+    return StudentLookAhead(lr, theta_next, grads, torch.stack(losses).sum(), teacher_targets,
+                            student_logits)
+
+
 def feedback_gradient(student, params, feedback_batch):
-    """v = ∇θs L_val(θs'; z^e) (lines 5-6; eq. 5) at params = θs', with dropout, and L_val."""
+    """v = ∇θs L_val(θs'; z^e) (lines 5-6; eq. 5) at params = θs', with dropout, and L_val. The
+    feedback batch may be given as micro-batches."""
+    batches = micro_batches(feedback_batch, "feedback_batch")
     params = {name: p.detach().requires_grad_() for name, p in params.items()}
-    logits = forward(student, model_inputs(feedback_batch), True, params)
-    loss = ground_truth_loss(logits, feedback_batch["labels"]).mean()
-    v = torch.autograd.grad(loss, list(params.values()))
-    return list(v), loss.detach()
+    v = None
+    losses = []
+    for batch, weight in zip(batches, row_weights(batches)):
+        logits = forward(student, model_inputs(batch), True, params)
+        loss = weight * ground_truth_loss(logits, batch["labels"]).mean()
+        v = accumulate(v, torch.autograd.grad(loss, list(params.values()),
+                                              materialize_grads=True))
+        losses.append(loss.detach())
+    return v, torch.stack(losses).sum()
 
 
 def influence_fd(student, v, inputs, teacher_logits, sample_loss, radius=0.01):
@@ -273,19 +419,35 @@ def influence_exact(student, v, inputs, teacher_logits, sample_loss):
         with full_precision(teacher_logits.device):
             s, ds = jvp(student_logits, (params,), (tangents,))
     except NotImplementedError as e:
-        raise ValueError("influence 'exact' needs forward-mode AD through the student, which its "
-                         "attention lacks: load it with attn_implementation='eager'") from e
+        raise ValueError(f"influence 'exact' needs forward-mode AD (torch.func.jvp) through the "
+                         f"student, which one of its operations lacks ({one_line(e)[:200]}). A "
+                         f"transformers model has it with eager attention: load it with "
+                         f"attn_implementation='eager', or call "
+                         f"model.set_attn_implementation('eager')") from e
     s = s.detach().requires_grad_()
     losses = sample_loss(s, upcast(teacher_logits))
     (dD_ds,) = torch.autograd.grad(losses.sum(), s, create_graph=True)
     return (dD_ds * ds.detach()).sum(-1)
 
 
-def distillation_influence(student, v, inputs, teacher_logits, sample_loss, opts):
-    """Line 7 by the method the options choose."""
+def one_line(error):
+    """An exception as one line: its type and its words."""
+    return f"{type(error).__name__}: " + " ".join(str(error).split())
+
+
+def influence(teacher, student, lookahead, v, batches, index, opts):
+    """Line 7 on micro-batch `index`: w_i = ∇θs D_i · v (eq. 8, 10), with its graph to θt
+    through the teacher's targets (line 2's, where their graph was kept; else taken again)."""
+    batch = batches[index]
+    inputs = model_inputs(batch)
+    teacher_targets = lookahead.teacher_targets[index]
+    if len(batches) > 1:
+        teacher_targets = forward(teacher, inputs, False)
+    sample_loss = functools.partial(distillation_loss, kind=opts.distill_loss,
+                                    temperature=opts.temperature)  # D_i
     if opts.influence == "exact":
-        return influence_exact(student, v, inputs, teacher_logits, sample_loss)
-    return influence_fd(student, v, inputs, teacher_logits, sample_loss, opts.fd_radius)
+        return influence_exact(student, v, inputs, teacher_targets, sample_loss)
+    return influence_fd(student, v, inputs, teacher_targets, sample_loss, opts.fd_radius)
 
 
 def influence_objective(w, student_lr, student_alpha=0.0, weight=1.0):
@@ -301,8 +463,110 @@ def influence_objective(w, student_lr, student_alpha=0.0, weight=1.0):
     return -weight * student_lr * (1 - student_alpha) * w.mean()
 
 
+class TeacherGradient(NamedTuple):
+    """What teacher_gradient returns besides the teacher's .grad."""
+
+    logs: dict  # teacher_loss, feedback_loss, w and influence_aux_ratio, on the device
+    student_logits: torch.Tensor | None  # line 2's, with their graph, if the batch came whole
+
+
+def teacher_gradient(teacher, student, student_optimizer, batch, feedback_batch, opts=Options()):
+    """Lines 2-8 of Algorithm 1: sets the teacher's .grad to the gradient of its loss, L_aux plus
+    the influence term (eq. 11), and steps no optimizer, so that the caller's clipping and
+    optimizer stay in charge. batch (z^r) and feedback_batch (z^e) may each be given as
+    micro-batches: the look-ahead and v are then those of the whole batch, while w and the
+    teacher's gradient are taken one micro-batch at a time, so that memory is that of one."""
+    batches = micro_batches(batch, "batch")
+    check_precision(student)
+    # Lines 2-4: the look-ahead student step θs' = θs - ηs ∇θs L_s (eq. 1-2), as new tensors.
+    lookahead = student_lookahead(teacher, student, student_optimizer, batches, opts)
+    # Lines 5-6: the feedback batch z^e and v = ∇θs L_val(θs'; z^e) (eq. 5).
+    v, feedback_loss = feedback_gradient(student, lookahead.theta_next, feedback_batch)
+    params = list(trainable(teacher).values())
+    aux_grads = None
+    term_grads = None
+    teacher_losses = []
+    ws = []
+    for index, weight in enumerate(row_weights(batches)):
+        # Line 7: each training sample's distillation influence w_i = ∇θs D_i · v.
+        w = influence(teacher, student, lookahead, v, batches, index, opts)
+        # Line 8: L_aux (online's eq. 3, the teacher with dropout) and the influence term
+        # (eq. 11, sign corrected; meta's eq. 7). Apart, their gradients give the ratio logged.
+        batch = batches[index]
+        teacher_logits = forward(teacher, model_inputs(batch), True)
+        aux = weight * teacher_aux_loss(teacher_logits, lookahead.student_logits[index],
+                                        batch["labels"], opts)
+        term = weight * influence_objective(w, lookahead.student_lr, opts.student_alpha,
+                                            opts.influence_weight)
+        aux_grads = accumulate(aux_grads, torch.autograd.grad(aux, params,
+                                                              materialize_grads=True))
+        term_grads = accumulate(term_grads, torch.autograd.grad(term, params,
+                                                                materialize_grads=True))
+        teacher_losses.append((aux + term).detach())
+        ws.append(w.detach())
+    for p, a, b in zip(params, aux_grads, term_grads):
+        p.grad = a + b
+    ratio = torch.nn.utils.get_total_norm(term_grads) / torch.nn.utils.get_total_norm(aux_grads)
+    logs = {"teacher_loss": torch.stack(teacher_losses).sum(), "feedback_loss": feedback_loss,
+            "w": torch.cat(ws), "influence_aux_ratio": ratio}
+    student_logits = None
+    if len(batches) == 1:
+        student_logits = lookahead.student_logits[0]
+    return TeacherGradient(logs, student_logits)
+
+
+def student_gradient(teacher, student, batch, opts=Options(), student_logits=None):
+    """Line 9 of Algorithm 1, and the student's update of every method (eq. 1-2, 4): sets the
+    student's .grad to ∇θs L_s, the teacher's targets taken now, without dropout (in lgtm and
+    online: after the teacher's update, appendix F.2); steps no optimizer. student_logits: the
+    student's logits of the whole batch with their graph, to save a forward (lgtm_step passes
+    line 2's); without them the student runs again, with dropout. Returns L_s."""
+    batches = micro_batches(batch, "batch")
+    if student_logits is not None and len(batches) > 1:
+        raise ValueError("student_logits are those of one whole batch, not of micro-batches")
+    params = list(trainable(student).values())
+    grads = None
+    losses = []
+    for batch, weight in zip(batches, row_weights(batches)):
+        inputs = model_inputs(batch)
+        with torch.no_grad():
+            teacher_targets = forward(teacher, inputs, False)
+        logits = student_logits
+        if logits is None:
+            logits = forward(student, inputs, True)
+        loss = weight * student_loss(logits, teacher_targets, batch["labels"], opts)
+        grads = accumulate(grads, torch.autograd.grad(loss, params, allow_unused=True))
+        losses.append(loss.detach())
+    for p, g in zip(params, grads):
+        p.grad = g
+    return torch.stack(losses).sum()
+
+
+def lgtm_step(teacher, student, teacher_optimizer, student_optimizer, batch, feedback_batch,
+              opts=Options()):
+    """One iteration of Algorithm 1 on the batches z^r and z^e: the teacher's update, then the
+    student's. Each batch is a dict with input_ids, labels and, where the models take them,
+    attention_mask and token_type_ids (the same tokenizer for both models), or a list of such
+    micro-batches. Each model returns logits (batch, classes) or an output with .logits.
+
+    No scheduler step and no read from the device; the models' modes are kept. Afterwards each
+    model's .grad holds the gradient its optimizer stepped with: the next step replaces it, but
+    clear it before any backward of your own. With influence 'fd' and the batch whole, a step
+    costs 7 teacher and 10 student forward passes (a backward counts as two); given as
+    micro-batches, 8 and 11."""
+    update = teacher_gradient(teacher, student, student_optimizer, batch, feedback_batch, opts)
+    teacher_optimizer.step()
+    # Line 9: the student distils (eq. 1-2) from the teacher just updated (appendix F.2).
+    loss_s = student_gradient(teacher, student, batch, opts, update.student_logits)
+    student_optimizer.step()
+    logs = update.logs
+    return {"teacher_loss": logs["teacher_loss"], "student_loss": loss_s,
+            "feedback_loss": logs["feedback_loss"], "w": logs["w"],
+            "influence_aux_ratio": logs["influence_aux_ratio"]}
+
+
 class LookAhead(NamedTuple):
-    """What lines 2-7 of Algorithm 1 leave for the update."""
+    """Lines 2-7 of Algorithm 1 on one batch (lookahead_influence)."""
 
     student_lr: float  # ηs
     teacher_targets: torch.Tensor  # the teacher's logits without dropout, with their graph
@@ -314,62 +578,17 @@ class LookAhead(NamedTuple):
 
 
 def lookahead_influence(teacher, student, student_optimizer, batch, feedback_batch, opts):
-    """Lines 2-7 of Algorithm 1, without any update: the look-ahead θs', v and the influences.
-    lgtm_step, meta_step and the probe set of section 6 share it."""
-    inputs = model_inputs(batch)
-    params = trainable(student)
-    lr = student_lr(student_optimizer, opts.lookahead)
-    sample_loss = functools.partial(distillation_loss, kind=opts.distill_loss,
-                                    temperature=opts.temperature)  # D_i
-    # Line 2: the training batch z^r. The student's targets come from the teacher without
-    # dropout, as in its real update (the teacher's own loss sees dropout: lgtm_step).
-    teacher_targets = forward(teacher, inputs, False)
-    student_logits = forward(student, inputs, True)
-    # Lines 3-4: the look-ahead student step θs' = θs - ηs ∇θs L_s (eq. 1-2), as new tensors.
-    loss_s = student_loss(student_logits, teacher_targets, batch["labels"], opts)
-    grads = torch.autograd.grad(loss_s, list(params.values()), retain_graph=True)
-    theta_next = lookahead_params(params, grads, student_optimizer, lr, opts.lookahead)
-    # Lines 5-6: the feedback batch z^e and v = ∇θs L_val(θs'; z^e) (eq. 5).
-    v, feedback_loss = feedback_gradient(student, theta_next, feedback_batch)
-    # Line 7: each training sample's distillation influence w_i = ∇θs D_i · v (eq. 8, 10).
-    w = distillation_influence(student, v, inputs, teacher_targets, sample_loss, opts)
-    return LookAhead(lr, teacher_targets, student_logits, loss_s, grads, w, feedback_loss)
-
-
-def lgtm_step(teacher, student, teacher_optimizer, student_optimizer, batch, feedback_batch,
-              opts=Options()):
-    """One iteration of Algorithm 1 on the batches z^r and z^e (input_ids, attention_mask,
-    labels, ...): the teacher's update, then the student's. No scheduler step, no read from the
-    device; the models' modes are kept. With influence 'fd' it costs 7 teacher and 10 student
-    forward passes (a backward counts as two)."""
-    inputs = model_inputs(batch)
-    # Lines 2-7: the look-ahead θs', v = ∇θs L_val(θs'; z^e) and the influences w_i.
-    lookahead = lookahead_influence(teacher, student, student_optimizer, batch, feedback_batch,
-                                    opts)
-    # Line 8: the teacher descends L_aux (online's eq. 3, with dropout) plus the influence term
-    # (eq. 11, sign corrected; meta's eq. 7). Taken apart, their gradients give the ratio logged.
-    params = list(trainable(teacher).values())
-    teacher_logits = forward(teacher, inputs, True)
-    aux = teacher_aux_loss(teacher_logits, lookahead.student_logits, batch["labels"], opts)
-    term = influence_objective(lookahead.w, lookahead.student_lr, opts.student_alpha,
-                               opts.influence_weight)
-    aux_grads = torch.autograd.grad(aux, params, materialize_grads=True)
-    term_grads = torch.autograd.grad(term, params, materialize_grads=True)
-    for p, a, b in zip(params, aux_grads, term_grads):
-        p.grad = a + b
-    teacher_optimizer.step()
-    # Line 9: the student distils (eq. 1-2) from the teacher just updated (appendix F.2).
-    with torch.no_grad():
-        teacher_targets = forward(teacher, inputs, False)
-    loss_s = student_loss(lookahead.student_logits, teacher_targets, batch["labels"], opts)
-    student_optimizer.zero_grad(set_to_none=True)
-    loss_s.backward()
-    student_optimizer.step()
-    term_norm = torch.nn.utils.get_total_norm(term_grads)
-    aux_norm = torch.nn.utils.get_total_norm(aux_grads)
-    return {"teacher_loss": (aux + term).detach(), "student_loss": loss_s.detach(),
-            "feedback_loss": lookahead.feedback_loss, "w": lookahead.w.detach(),
-            "influence_aux_ratio": term_norm / aux_norm}
+    """Lines 2-7 of Algorithm 1 on one whole batch, without any update: what the probe set of
+    section 6 records, and what the tutorial takes apart."""
+    batches = micro_batches(batch, "batch")
+    if len(batches) > 1:
+        raise ValueError("lookahead_influence takes one whole batch, not micro-batches")
+    lookahead = student_lookahead(teacher, student, student_optimizer, batches, opts)
+    v, feedback_loss = feedback_gradient(student, lookahead.theta_next, feedback_batch)
+    w = influence(teacher, student, lookahead, v, batches, 0, opts)
+    return LookAhead(lookahead.student_lr, lookahead.teacher_targets[0],
+                     lookahead.student_logits[0], lookahead.student_loss,
+                     lookahead.student_grads, w, feedback_loss)
 
 
 # == 2. The paper's comparison methods (its figure 1), with lgtm_step's signature ============
@@ -379,57 +598,82 @@ def kd_step(teacher, student, teacher_optimizer, student_optimizer, batch, feedb
             opts=Options()):
     """Vanilla KD (eq. 1-2): the student distils from a frozen fine-tuned teacher without
     dropout. teacher_optimizer and feedback_batch are not used."""
-    inputs = model_inputs(batch)
-    with torch.no_grad():
-        teacher_targets = forward(teacher, inputs, False)
-    student_logits = forward(student, inputs, True)
-    loss_s = student_loss(student_logits, teacher_targets, batch["labels"], opts)
-    student_optimizer.zero_grad(set_to_none=True)
-    loss_s.backward()
+    loss_s = student_gradient(teacher, student, batch, opts)
     student_optimizer.step()
-    return {"student_loss": loss_s.detach()}
+    return {"student_loss": loss_s}
+
+
+def online_teacher_gradient(teacher, student, batch, opts=Options()):
+    """Online distillation's teacher (eq. 3): sets its .grad to ∇θt L_aux, against the student's
+    logits with dropout; steps no optimizer. Returns L_aux, and the student's logits with their
+    graph if the batch came whole (for student_gradient)."""
+    batches = micro_batches(batch, "batch")
+    params = list(trainable(teacher).values())
+    keep_graph = len(batches) == 1
+    grads = None
+    losses = []
+    for batch, weight in zip(batches, row_weights(batches)):
+        inputs = model_inputs(batch)
+        teacher_logits = forward(teacher, inputs, True)
+        with torch.set_grad_enabled(keep_graph):  # micro-batches: values only, as L_aux needs
+            student_logits = forward(student, inputs, True)
+        loss = weight * teacher_aux_loss(teacher_logits, student_logits, batch["labels"], opts)
+        grads = accumulate(grads, torch.autograd.grad(loss, params, allow_unused=True))
+        losses.append(loss.detach())
+    for p, g in zip(params, grads):
+        p.grad = g
+    if not keep_graph:
+        student_logits = None
+    return torch.stack(losses).sum(), student_logits
 
 
 def online_step(teacher, student, teacher_optimizer, student_optimizer, batch,
                 feedback_batch=None, opts=Options()):
     """Online distillation: the teacher learns L_aux (eq. 3); then the student learns from the
     teacher so updated (eq. 4). feedback_batch is not used."""
-    inputs = model_inputs(batch)
-    labels = batch["labels"]
-    teacher_logits = forward(teacher, inputs, True)
-    student_logits = forward(student, inputs, True)
-    teacher_loss = teacher_aux_loss(teacher_logits, student_logits, labels, opts)  # eq. 3
-    teacher_optimizer.zero_grad(set_to_none=True)
-    teacher_loss.backward()
+    teacher_loss, student_logits = online_teacher_gradient(teacher, student, batch, opts)
     teacher_optimizer.step()
-    with torch.no_grad():
-        teacher_targets = forward(teacher, inputs, False)
-    loss_s = student_loss(student_logits, teacher_targets, labels, opts)  # eq. 4
-    student_optimizer.zero_grad(set_to_none=True)
-    loss_s.backward()
+    loss_s = student_gradient(teacher, student, batch, opts, student_logits)  # eq. 4
     student_optimizer.step()
-    return {"teacher_loss": teacher_loss.detach(), "student_loss": loss_s.detach()}
+    return {"teacher_loss": teacher_loss, "student_loss": loss_s}
+
+
+def meta_gradients(teacher, student, student_optimizer, batch, feedback_batch, opts=Options()):
+    """Meta distillation's gradients (MetaDistil, eq. 6-7), no optimizer stepped: the teacher's
+    .grad is that of the influence objective alone (not clipped), the student's .grad is the
+    look-ahead's gradient, which distils from the teacher as it was before this step."""
+    batches = micro_batches(batch, "batch")
+    check_precision(student)
+    lookahead = student_lookahead(teacher, student, student_optimizer, batches, opts)
+    v, feedback_loss = feedback_gradient(student, lookahead.theta_next, feedback_batch)
+    params = list(trainable(teacher).values())
+    grads = None
+    losses = []
+    ws = []
+    for index, weight in enumerate(row_weights(batches)):
+        w = influence(teacher, student, lookahead, v, batches, index, opts)
+        loss = weight * influence_objective(w, lookahead.student_lr, opts.student_alpha)  # eq. 7
+        grads = accumulate(grads, torch.autograd.grad(loss, params, allow_unused=True))
+        losses.append(loss.detach())
+        ws.append(w.detach())
+    for p, g in zip(params, grads):
+        p.grad = g
+    for p, g in zip(trainable(student).values(), lookahead.student_grads):  # eq. 6
+        p.grad = g
+    return {"teacher_loss": torch.stack(losses).sum(), "student_loss": lookahead.student_loss,
+            "feedback_loss": feedback_loss, "w": torch.cat(ws)}
 
 
 def meta_step(teacher, student, teacher_optimizer, student_optimizer, batch, feedback_batch,
               opts=Options()):
     """Meta distillation (MetaDistil, eq. 6-7): the fine-tuned teacher learns the influence
-    objective alone (its gradient clipped); the student takes the look-ahead's step, which
-    distils from the teacher as it was before this step."""
-    lookahead = lookahead_influence(teacher, student, student_optimizer, batch, feedback_batch,
-                                    opts)
-    teacher_loss = influence_objective(lookahead.w, lookahead.student_lr,
-                                       opts.student_alpha)  # eq. 7
-    teacher_optimizer.zero_grad(set_to_none=True)
-    teacher_loss.backward()
+    objective alone, its gradient clipped; the student takes the look-ahead's step."""
+    logs = meta_gradients(teacher, student, student_optimizer, batch, feedback_batch, opts)
     if opts.teacher_max_grad_norm > 0:
         torch.nn.utils.clip_grad_norm_(teacher.parameters(), opts.teacher_max_grad_norm)
     teacher_optimizer.step()
-    for p, g in zip(trainable(student).values(), lookahead.student_grads):  # eq. 6
-        p.grad = g
     student_optimizer.step()
-    return {"teacher_loss": teacher_loss.detach(), "student_loss": lookahead.student_loss.detach(),
-            "feedback_loss": lookahead.feedback_loss, "w": lookahead.w.detach()}
+    return logs
 
 
 STEPS = {"kd": kd_step, "online": online_step, "meta": meta_step, "lgtm": lgtm_step}
@@ -483,11 +727,6 @@ TASKS = {task.name: task for task in [
     Task("cola", "CoLA", ("sentence",), ("sentence",), "label", BINARY, ("matthews",)),
     Task("stsb", "STS-B", PAIR, PAIR, "score", (), ("pearson", "spearman")),
 ]}
-
-
-def one_line(error):
-    """An exception as one line: its type and its words."""
-    return f"{type(error).__name__}: " + " ".join(str(error).split())
 
 
 def read_split(task, data_dir, split):

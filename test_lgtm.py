@@ -613,6 +613,355 @@ def test_every_step_under_torch_compile_equals_eager(method):
 
 
 # ----------------------------------------------------------------------------------------------
+# In your own trainer: the gradient functions, micro-batches, the contract, precision
+# ----------------------------------------------------------------------------------------------
+
+def optimizer_steps(optimizer):
+    """The steps an optimizer has taken, read from its state (0 before the first)."""
+    steps = {int(state["step"]) for state in optimizer.state.values()}
+    assert len(steps) <= 1, steps
+    return steps.pop() if steps else 0
+
+
+def test_teacher_and_student_gradients_fill_grad_and_step_nothing():
+    """Line 8 as teacher_gradient and line 9 as student_gradient: each sets .grad to the gradient
+    autograd gives (L_aux plus the meta-gradient; L_s against the teacher as it is) and leaves
+    the parameters and both optimizers as they were."""
+    teacher, student, teacher_optimizer, student_optimizer = make_pair()
+    batch, feedback = random_batch(5), random_batch(6, size=5)
+    opts = lgtm.Options(influence="exact", student_alpha=0.3, temperature=2.0)
+    before = flat(snapshot(teacher) + snapshot(student))
+    update = lgtm.teacher_gradient(teacher, student, student_optimizer, batch, feedback, opts)
+    x, y = inputs_of(batch), batch["labels"]
+    g_aux = torch.autograd.grad(aux_loss(teacher.train()(**x).logits, student(**x).logits, y),
+                                list(teacher.parameters()))
+    g_meta = torch.autograd.grad(unrolled_validation_loss(teacher, student, batch, feedback, 1e-2,
+                                                          0.3), list(teacher.parameters()))
+    expected = flat([a + m for a, m in zip(g_aux, g_meta)])
+    got = flat([p.grad for p in teacher.parameters()])
+    assert (got - expected).norm() / expected.norm() < 1e-9
+    assert all(p.grad is None for p in student.parameters())
+    lgtm.student_gradient(teacher, student, batch, opts, update.student_logits)
+    with torch.no_grad():
+        targets = teacher.eval()(**x).logits
+    loss_s = (0.3 * F.cross_entropy(student(**x).logits, y, reduction="none")
+              + 0.7 * soft_ce(student(**x).logits, targets, 2.0)).mean()
+    g_student = torch.autograd.grad(loss_s, list(student.parameters()))
+    for p, g in zip(student.parameters(), g_student):
+        torch.testing.assert_close(p.grad, g, rtol=1e-9, atol=1e-12)
+    assert torch.equal(flat(snapshot(teacher) + snapshot(student)), before)
+    assert optimizer_steps(teacher_optimizer) == optimizer_steps(student_optimizer) == 0
+
+
+def micro(batch, sizes):
+    """The batch's rows as micro-batches of these sizes, each cut to its own longest sequence
+    (as a collator pads each micro-batch)."""
+    parts = []
+    start = 0
+    for size in sizes:
+        rows = slice(start, start + size)
+        length = int(batch["attention_mask"][rows].sum(1).max())
+        part = {}
+        for key, value in batch.items():
+            if value.dim() == 2:
+                part[key] = value[rows, :length]
+            else:
+                part[key] = value[rows]
+        parts.append(part)
+        start += size
+    return parts
+
+
+@pytest.mark.parametrize("method,options", [
+    ("lgtm", {}), ("lgtm", {"influence": "exact", "lookahead": "adamw"}), ("meta", {}),
+    ("online", {}), ("kd", {})])
+def test_micro_batches_make_the_step_of_the_whole_batch(method, options):
+    """Two steps on batches given as 3 + 2 + 1 rows (feedback 2 + 3) equal the steps on the whole
+    batches, float64, to 1e-10: the look-ahead and v are the whole batch's."""
+    opts = lgtm.Options(student_alpha=0.3, temperature=2.0, fd_radius=1e-4, **options)
+    results = []
+    for split in (False, True):
+        teacher, student, teacher_optimizer, student_optimizer = make_pair()
+        logs = []
+        for seed in range(2):
+            batch, feedback = random_batch(40 + seed), random_batch(50 + seed, size=5)
+            if split:
+                batch, feedback = micro(batch, [3, 2, 1]), micro(feedback, [2, 3])
+            out = lgtm.STEPS[method](teacher, student, teacher_optimizer, student_optimizer,
+                                     batch, feedback, opts)
+            logs.append(flat([value.reshape(-1) for value in out.values()]))
+        results.append((flat(snapshot(teacher) + snapshot(student)), flat(logs)))
+    (whole, whole_logs), (parts, parts_logs) = results
+    assert float((parts - whole).norm() / whole.norm()) < 1e-10
+    torch.testing.assert_close(parts_logs, whole_logs, rtol=1e-8, atol=1e-12)
+
+
+def test_micro_batches_keep_every_pass_to_one_micro_batch():
+    """No forward pass of teacher or student sees more rows than a micro-batch holds: the memory
+    of activations is that of one micro-batch, whatever the batch."""
+    teacher, student, teacher_optimizer, student_optimizer = make_pair()
+    rows_seen = []
+    for model in (teacher, student):
+        model.register_forward_pre_hook(
+            lambda module, args, kwargs: rows_seen.append(len(kwargs["input_ids"])),
+            with_kwargs=True)
+    lgtm.lgtm_step(teacher, student, teacher_optimizer, student_optimizer,
+                   micro(random_batch(40), [2, 2, 2]), micro(random_batch(41), [2, 2, 2]), OPTS)
+    assert max(rows_seen) == 2 and len(rows_seen) > 10
+
+
+class TensorClassifier(torch.nn.Module):
+    """A model of one's own: token embeddings, their masked mean, a linear head; returns the
+    logits as a plain tensor."""
+
+    def __init__(self, seed):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.embed = torch.nn.Embedding(60, 8, dtype=torch.float64)
+        self.head = torch.nn.Linear(8, NUM_LABELS, dtype=torch.float64)
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None):
+        mask = attention_mask.unsqueeze(-1).to(torch.float64)
+        pooled = (self.embed(input_ids) * mask).sum(1) / mask.sum(1)
+        return self.head(pooled)
+
+
+class DictClassifier(TensorClassifier):
+    def forward(self, **inputs):
+        return {"logits": super().forward(**inputs)}
+
+
+def test_a_model_that_returns_a_tensor_of_logits_trains():
+    teacher, student = TensorClassifier(1), TensorClassifier(2)
+    teacher_optimizer = torch.optim.AdamW(teacher.parameters(), 1e-2)
+    student_optimizer = torch.optim.AdamW(student.parameters(), 1e-2)
+    before = flat(snapshot(teacher) + snapshot(student))
+    for method in ("kd", "online", "meta", "lgtm"):
+        out = lgtm.STEPS[method](teacher, student, teacher_optimizer, student_optimizer,
+                                 random_batch(1), random_batch(2), lgtm.Options(influence="exact"))
+        assert torch.isfinite(out["student_loss"])
+    assert not torch.equal(flat(snapshot(teacher) + snapshot(student)), before)
+
+
+def no_labels(batch):
+    return {key: value for key, value in batch.items() if key != "labels"}
+
+
+def no_rows(batch):
+    return {key: value[:0] for key, value in batch.items()}
+
+
+CONTRACT_CASES = [  # (batch, feedback batch, models, what the error must say)
+    (lambda b: no_labels(b), lambda f: f, None, "batch has no 'labels'"),
+    (lambda b: {"labels": b["labels"]}, lambda f: f, None, "batch has no 'input_ids'"),
+    (lambda b: b, lambda f: None, None, "feedback_batch is None"),
+    (lambda b: b, lambda f: no_labels(f), None, "feedback_batch has no 'labels'"),
+    (lambda b: no_rows(b), lambda f: f, None, "batch holds no examples"),
+    (lambda b: [], lambda f: f, None, "empty list of micro-batches"),
+    (lambda b: list(b.values()), lambda f: f, None, "batch is a Tensor"),
+    (lambda b: b, lambda f: f, DictClassifier, "the steps need logits of shape (batch, classes)"),
+]
+
+
+@pytest.mark.parametrize("make_batch,make_feedback,model_class,needle", CONTRACT_CASES,
+                         ids=[case[3] for case in CONTRACT_CASES])
+def test_a_broken_contract_is_one_value_error_before_any_update(make_batch, make_feedback,
+                                                                model_class, needle):
+    for method in ("lgtm", "meta", "online", "kd"):
+        if method in ("online", "kd") and "feedback" in needle:
+            continue  # they take no feedback batch
+        if model_class is None:
+            teacher, student, teacher_optimizer, student_optimizer = make_pair()
+        else:
+            teacher, student = model_class(1), model_class(2)
+            teacher_optimizer = torch.optim.AdamW(teacher.parameters(), 1e-2)
+            student_optimizer = torch.optim.AdamW(student.parameters(), 1e-2)
+        before = flat(snapshot(teacher) + snapshot(student))
+        with pytest.raises(ValueError, match=re.escape(needle)):
+            lgtm.STEPS[method](teacher, student, teacher_optimizer, student_optimizer,
+                               make_batch(random_batch(1)), make_feedback(random_batch(2)), OPTS)
+        assert torch.equal(flat(snapshot(teacher) + snapshot(student)), before), method
+        assert optimizer_steps(teacher_optimizer) == optimizer_steps(student_optimizer) == 0
+
+
+@pytest.mark.parametrize("method", ["kd", "online", "meta", "lgtm"])
+def test_every_submodules_mode_is_restored(method):
+    """A caller's mixed modes (a student training with its embeddings in eval, a teacher in eval
+    with a head in training) come back module by module."""
+    teacher, student, teacher_optimizer, student_optimizer = make_pair(dropout=0.1)
+    student.train()
+    student.bert.embeddings.eval()
+    teacher.eval()
+    teacher.classifier.train()
+    modes = [m.training for model in (teacher, student) for m in model.modules()]
+    lgtm.STEPS[method](teacher, student, teacher_optimizer, student_optimizer, random_batch(7),
+                       random_batch(8), OPTS)
+    assert [m.training for model in (teacher, student) for m in model.modules()] == modes
+
+
+def test_precision_that_would_break_the_influence_passes_is_refused_before_any_update():
+    """accelerate's bf16 wrapper on the student's forward (Trainer's bf16) would turn autocast
+    back on inside the fp32 passes; fp16 autocast would need a GradScaler. Both are refused."""
+    from accelerate import Accelerator
+    teacher, student, teacher_optimizer, student_optimizer = make_pair()
+    teacher, student = teacher.float(), student.float()
+    wrapped = Accelerator(mixed_precision="bf16", cpu=True).prepare(copy.deepcopy(student))
+    before = flat(snapshot(teacher) + snapshot(student))
+    for method in ("lgtm", "meta"):
+        with pytest.raises(ValueError, match="keep_fp32_wrapper=False"):
+            lgtm.STEPS[method](teacher, wrapped, teacher_optimizer, student_optimizer,
+                               random_batch(1), random_batch(2), OPTS)
+        with torch.autocast("cpu", dtype=torch.float16):
+            with pytest.raises(ValueError, match="fp16 autocast needs a GradScaler"):
+                lgtm.STEPS[method](teacher, student, teacher_optimizer, student_optimizer,
+                                   random_batch(1), random_batch(2), OPTS)
+    assert torch.equal(flat(snapshot(teacher) + snapshot(student)), before)
+    assert optimizer_steps(teacher_optimizer) == optimizer_steps(student_optimizer) == 0
+
+
+def test_the_errors_of_a_wrapped_optimizer_and_of_the_exact_path_give_the_real_fix():
+    from accelerate.optimizer import AcceleratedOptimizer
+    teacher, student, teacher_optimizer, student_optimizer = make_pair()
+    wrapped = AcceleratedOptimizer(student_optimizer, device_placement=False)
+    with pytest.raises(ValueError, match=re.escape("trainer.optimizer.optimizer")):
+        lgtm.lgtm_step(teacher, student, teacher_optimizer, wrapped, random_batch(1),
+                       random_batch(2), lgtm.Options(lookahead="adamw"))
+    sdpa = tiny_bert(6, attention="sdpa")
+    with pytest.raises(ValueError, match=re.escape("model.set_attn_implementation('eager')")):
+        lgtm.lgtm_step(teacher, sdpa, teacher_optimizer, lgtm.make_optimizer(sdpa, 1e-3, 10)[0],
+                       random_batch(1), random_batch(2), lgtm.Options(influence="exact"))
+
+
+# ----------------------------------------------------------------------------------------------
+# Hugging Face Trainer: lgtm_trainer.LGTMTrainer on tiny models
+# ----------------------------------------------------------------------------------------------
+
+def glue_like_dataset(tokenizer, rows, seed=0):
+    """Tokenized sentences of the RTE sample, with labels, as Trainer takes them."""
+    import datasets
+    rte = load_glue("rte", SAMPLE, ("train",))["train"].select(range(seed, seed + rows))
+    encoded = tokenizer(list(rte["text_a"]), list(rte["text_b"]), truncation=True, max_length=24)
+    return datasets.Dataset.from_dict({**encoded, "label": list(rte["label"])})
+
+
+def make_trainer(model_dir, out, student=None, **arguments):
+    import transformers
+    from lgtm_trainer import LGTMTrainer
+    tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
+    torch.manual_seed(0)
+    teacher, _ = lgtm.load_model(str(model_dir), "--teacher", 2)
+    if student is None:
+        student, _ = lgtm.load_model(str(model_dir), "--student", 2, 2)
+    defaults = {"per_device_train_batch_size": 4, "gradient_accumulation_steps": 2,
+                "max_steps": 3, "logging_steps": 1, "use_cpu": True, "report_to": [],
+                "save_strategy": "no", "learning_rate": 1e-3}
+    args = transformers.TrainingArguments(str(out), **{**defaults, **arguments})
+    return LGTMTrainer(model=student, teacher=teacher, teacher_learning_rate=1e-3,
+                       feedback_dataset=glue_like_dataset(tokenizer, 8, seed=30), args=args,
+                       train_dataset=glue_like_dataset(tokenizer, 16),
+                       data_collator=transformers.DataCollatorWithPadding(tokenizer),
+                       lgtm_options=lgtm.Options(student_alpha=0.5))
+
+
+def test_trainer_updates_each_model_once_a_step_with_fp32_influence_passes_under_bf16(
+        model_dir, tmp_path, monkeypatch):
+    """bf16 and gradient accumulation 2, 3 global steps: each optimizer took 3 steps, the two
+    finite-difference passes ran in fp32 while the student's other passes ran in bf16, the logs
+    carry the influence, and each checkpoint holds the teacher with its optimizer."""
+    trainer = make_trainer(model_dir, tmp_path / "out", bf16=True, save_strategy="steps",
+                           save_steps=3)
+    dtypes = {"influence": set(), "other": set()}
+    real_influence_fd = lgtm.influence_fd
+    inside = []
+
+    def influence_fd(*args, **kwargs):
+        inside.append(True)
+        try:
+            return real_influence_fd(*args, **kwargs)
+        finally:
+            inside.pop()
+
+    def record(module, args, output):
+        dtypes["influence" if inside else "other"].add(output.dtype)
+
+    monkeypatch.setattr(lgtm, "influence_fd", influence_fd)
+    trainer.model.classifier.register_forward_hook(record)
+    trainer.train()
+    assert optimizer_steps(trainer.teacher_optimizer) == 3
+    assert optimizer_steps(trainer.optimizer.optimizer) == 3
+    assert dtypes["influence"] == {torch.float32} and torch.bfloat16 in dtypes["other"]
+    logged = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert len(logged) == 3
+    for entry in logged:
+        assert {"teacher_loss", "feedback_loss", "influence_aux_ratio", "w_mean"} <= set(entry)
+        assert entry["influence_aux_ratio"] > 0
+    checkpoint = tmp_path / "out" / "checkpoint-3"
+    assert (checkpoint / "teacher" / "config.json").is_file()
+    assert (checkpoint / "teacher_optimizer.pt").is_file()
+    saved = lgtm.load_model(str(checkpoint / "teacher"), "--teacher", 2)[0]
+    for a, b in zip(saved.parameters(), trainer.teacher.parameters()):
+        torch.testing.assert_close(a, b.cpu(), rtol=0, atol=0)
+
+
+def test_trainer_with_accumulation_makes_lgtm_steps_of_the_whole_batch(model_dir, tmp_path):
+    """One global step of 2 micro-batches of 4 equals lgtm_step on the 8 rows together, with the
+    same optimizers (Trainer's AdamW, no clipping; dropout off)."""
+    import transformers
+    from transformers import BertForSequenceClassification
+    no_dropout = tmp_path / "no-dropout"
+    model = BertForSequenceClassification.from_pretrained(model_dir, hidden_dropout_prob=0.0,
+                                                          attention_probs_dropout_prob=0.0)
+    model.save_pretrained(no_dropout)
+    transformers.AutoTokenizer.from_pretrained(model_dir).save_pretrained(no_dropout)
+    trainer = make_trainer(no_dropout, tmp_path / "out", max_steps=1, max_grad_norm=0,
+                           per_device_train_batch_size=4, gradient_accumulation_steps=2)
+    trainer.train_dataset = trainer.train_dataset.select(range(8))
+    teacher = copy.deepcopy(trainer.teacher)
+    student = copy.deepcopy(trainer.model)
+    trainer.train()
+    collate = trainer.data_collator
+    batch = collate(list(trainer.train_dataset))
+    feedback = collate(list(trainer.feedback_dataset))
+    lgtm.lgtm_step(teacher, student, torch.optim.AdamW(teacher.parameters(), 1e-3,
+                                                       weight_decay=0.0),
+                   torch.optim.AdamW(student.parameters(), 1e-3, weight_decay=0.0), batch,
+                   feedback, trainer.lgtm_options)
+    for a, b in zip(snapshot(trainer.teacher) + snapshot(trainer.model),
+                    snapshot(teacher) + snapshot(student)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_trainer_keeps_the_teachers_inputs_that_the_student_does_not_take(model_dir, tmp_path):
+    """A DistilBERT student takes no token_type_ids; Trainer would drop them from the data, and
+    the BERT teacher would lose its segment ids."""
+    from transformers import DistilBertConfig, DistilBertForSequenceClassification
+    config = DistilBertConfig(vocab_size=len(VOCAB), dim=16, n_layers=1, n_heads=2,
+                              hidden_dim=32, max_position_embeddings=64, num_labels=2)
+    trainer = make_trainer(model_dir, tmp_path / "out", max_steps=1,
+                           student=DistilBertForSequenceClassification(config))
+    seen = []
+    trainer.teacher.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append("token_type_ids" in kwargs), with_kwargs=True)
+    trainer.train()
+    assert seen and all(seen)
+
+
+def test_trainer_resumes_the_teacher_from_a_checkpoint(model_dir, tmp_path):
+    trainer = make_trainer(model_dir, tmp_path / "out", max_steps=2, save_strategy="steps",
+                           save_steps=2)
+    trainer.train()
+    resumed = make_trainer(model_dir, tmp_path / "out", max_steps=2)
+    resumed.create_optimizer_and_scheduler(num_training_steps=2)
+    checkpoint = str(tmp_path / "out" / "checkpoint-2")
+    resumed._load_from_checkpoint(checkpoint)
+    resumed._load_optimizer_and_scheduler(checkpoint)
+    for a, b in zip(resumed.teacher.parameters(), trainer.teacher.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert optimizer_steps(resumed.teacher_optimizer) == 2
+    assert resumed.teacher_scheduler.last_epoch == trainer.teacher_scheduler.last_epoch
+
+
+# ----------------------------------------------------------------------------------------------
 # Section 1 of lgtm.py lifts out alone; the README's snippet runs as written
 # ----------------------------------------------------------------------------------------------
 

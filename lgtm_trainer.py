@@ -1,0 +1,162 @@
+"""LGTM inside Hugging Face's Trainer: the teacher learns with the student that Trainer trains.
+
+    from lgtm_trainer import LGTMTrainer
+    trainer = LGTMTrainer(model=student, teacher=teacher, feedback_dataset=held_out,
+                          args=TrainingArguments(...), train_dataset=train,
+                          data_collator=DataCollatorWithPadding(tokenizer))
+    trainer.train()
+
+Trainer stays in charge of the student: its optimizer and schedule, gradient accumulation,
+clipping (max_grad_norm), bf16, logging, evaluation and checkpoints. The teacher gets an AdamW of
+its own (teacher_learning_rate, the same schedule type as the student's). In each global step:
+
+1. the step's micro-batches (gradient_accumulation_steps of them) and as many feedback
+   micro-batches are taken together;
+2. lgtm.teacher_gradient over them (lines 2-8 of Algorithm 1: the look-ahead and v of the whole
+   batch, w and the gradient one micro-batch at a time), then the teacher's optimizer steps;
+3. each micro-batch's student loss against the updated teacher (line 9), weighted by its share
+   of the step's examples, is what Trainer backpropagates and steps with.
+
+So each model is updated once per global step. The influence passes run in strict fp32 under
+bf16 (accelerate's autocast wrapper is taken off the student, and the step runs inside
+accelerator.autocast() instead); fp16 is refused before any update. The teacher is saved in each
+checkpoint's teacher/ folder, with its optimizer and schedule, and restored on resume. The logs
+gain teacher_loss, feedback_loss, influence_aux_ratio and w_mean, each a mean since the last log.
+"""
+import os
+
+import torch
+from transformers import Trainer
+from transformers.optimization import get_scheduler
+
+import lgtm
+
+TEACHER_DIR = "teacher"
+TEACHER_OPTIMIZER = "teacher_optimizer.pt"
+
+
+class LGTMTrainer(Trainer):
+    def __init__(self, *args, teacher, feedback_dataset, lgtm_options=lgtm.Options(),
+                 teacher_learning_rate=3e-5, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.teacher = teacher.to(self.args.device)
+        self.feedback_dataset = feedback_dataset
+        self.lgtm_options = lgtm_options
+        self.teacher_learning_rate = teacher_learning_rate
+        self.teacher_optimizer = None
+        self.teacher_scheduler = None
+        self.feedback_batches = None
+        self.step_batches = []  # the micro-batches of the global step under way
+        self.step_rows = 0
+        self.micro_step = 0
+        self.lgtm_logs = []  # the teacher's logs since the last log, on the device
+
+    def _set_signature_columns_if_needed(self):
+        """Keeps the columns that the teacher takes too (a BERT teacher's token_type_ids, say,
+        when the student is a DistilBERT), which Trainer would otherwise drop."""
+        super()._set_signature_columns_if_needed()
+        for name in ("input_ids", "token_type_ids", "attention_mask"):
+            if name not in self._signature_columns:
+                self._signature_columns.append(name)
+
+    def create_optimizer(self, model=None):
+        optimizer = super().create_optimizer(model)
+        if self.teacher_optimizer is None:
+            self.teacher_optimizer = torch.optim.AdamW(self.teacher.parameters(),
+                                                       self.teacher_learning_rate,
+                                                       weight_decay=0.0)
+        return optimizer
+
+    def create_scheduler(self, num_training_steps, optimizer=None):
+        scheduler = super().create_scheduler(num_training_steps, optimizer)
+        if self.teacher_scheduler is None:
+            warmup = self.args.get_warmup_steps(num_training_steps)
+            self.teacher_scheduler = get_scheduler(self.args.lr_scheduler_type,
+                                                   self.teacher_optimizer, warmup,
+                                                   num_training_steps)
+        return scheduler
+
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        """Trainer takes a global step's micro-batches together: LGTM needs them all at once."""
+        batches, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
+        self.step_batches = [self._prepare_inputs(batch) for batch in batches]
+        self.step_rows = sum(len(batch["labels"]) for batch in self.step_batches)
+        self.micro_step = 0
+        return batches, num_items
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        model.train()
+        student = self.accelerator.unwrap_model(model, keep_fp32_wrapper=False)
+        inputs = self._prepare_inputs(inputs)
+        with self.accelerator.autocast():
+            if self.micro_step == 0:
+                self.update_teacher(student)
+            # Line 9: this micro-batch's share of the student's loss, against the new teacher.
+            with torch.no_grad():
+                teacher_targets = lgtm.forward(self.teacher, lgtm.model_inputs(inputs), False)
+            output = model(**lgtm.model_inputs(inputs))
+            student_logits = lgtm.upcast(lgtm.logits_of(output))
+            share = len(inputs["labels"]) / self.step_rows
+            loss = share * lgtm.student_loss(student_logits, teacher_targets, inputs["labels"],
+                                             self.lgtm_options)
+        self.accelerator.backward(loss)
+        self.micro_step += 1
+        return loss.detach()
+
+    def update_teacher(self, student):
+        """Lines 2-8 over the global step's micro-batches, then the teacher's step."""
+        feedback = [next(self.feedback_iterator()) for _ in self.step_batches]
+        optimizer = getattr(self.optimizer, "optimizer", self.optimizer)  # the torch optimizer
+        self.teacher.train()
+        update = lgtm.teacher_gradient(self.teacher, student, optimizer, self.step_batches,
+                                       feedback, self.lgtm_options)
+        self.teacher_optimizer.step()
+        self.teacher_scheduler.step()
+        self.teacher_optimizer.zero_grad(set_to_none=True)
+        self.lgtm_logs.append(update.logs)
+
+    def feedback_iterator(self):
+        """The feedback micro-batches z^e, shuffled, epoch after epoch."""
+        if self.feedback_batches is None:
+            dataset = self._remove_unused_columns(self.feedback_dataset, "feedback")
+            generator = torch.Generator().manual_seed(self.args.seed)
+            loader = torch.utils.data.DataLoader(dataset, self.args.per_device_train_batch_size,
+                                                 shuffle=True, collate_fn=self.data_collator,
+                                                 generator=generator)
+            self.feedback_batches = lgtm.forever(self.accelerator.prepare(loader))
+        return self.feedback_batches
+
+    def log(self, logs, start_time=None):
+        """Trainer's training logs, with the teacher's means since the last log."""
+        if "loss" in logs and self.lgtm_logs:
+            for name in ("teacher_loss", "feedback_loss", "influence_aux_ratio"):
+                values = torch.stack([step[name] for step in self.lgtm_logs])
+                logs[name] = values.mean().item()
+            logs["w_mean"] = torch.cat([step["w"] for step in self.lgtm_logs]).mean().item()
+            self.lgtm_logs = []
+        super().log(logs, start_time)
+
+    def _save(self, output_dir=None, state_dict=None):
+        super()._save(output_dir, state_dict)
+        output_dir = output_dir or self.args.output_dir
+        self.teacher.save_pretrained(os.path.join(output_dir, TEACHER_DIR))
+
+    def _save_optimizer_and_scheduler(self, output_dir):
+        super()._save_optimizer_and_scheduler(output_dir)
+        state = {"optimizer": self.teacher_optimizer.state_dict(),
+                 "scheduler": self.teacher_scheduler.state_dict()}
+        torch.save(state, os.path.join(output_dir, TEACHER_OPTIMIZER))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        saved = type(self.teacher).from_pretrained(os.path.join(resume_from_checkpoint,
+                                                                TEACHER_DIR))
+        self.teacher.load_state_dict(saved.state_dict())
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is None:
+            return
+        state = torch.load(os.path.join(checkpoint, TEACHER_OPTIMIZER), weights_only=True)
+        self.teacher_optimizer.load_state_dict(state["optimizer"])
+        self.teacher_scheduler.load_state_dict(state["scheduler"])
