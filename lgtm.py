@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch.func import functional_call, jvp
 
@@ -260,6 +261,34 @@ def accumulate(total, grads):
     return summed
 
 
+def global_mean(tensors, rows):
+    """The mean over the processes of a torch.distributed group (torchrun), each process holding
+    the mean over its own rows: sum_p rows_p x_p / sum_p rows_p, in one all-reduce. So a step on
+    each process's share of a batch is the step on the whole batch. None entries (no gradient)
+    stay None. Without a group, or in a group of one, the tensors are returned as they are."""
+    tensors = list(tensors)
+    if not dist.is_available() or not dist.is_initialized() or dist.get_world_size() == 1:
+        return tensors
+    present = [t for t in tensors if t is not None]
+    dtype = present[0].dtype
+    weighted = [t.reshape(-1).to(dtype) * rows for t in present]
+    flat = torch.cat(weighted + [present[0].new_tensor([rows], dtype=dtype)])
+    dist.all_reduce(flat)
+    means = iter((flat[:-1] / flat[-1]).split([t.numel() for t in present]))
+    reduced = []
+    for t in tensors:
+        if t is None:
+            reduced.append(None)
+        else:
+            reduced.append(next(means).view_as(t).to(t.dtype))
+    return reduced
+
+
+def rows_of(batches):
+    """The examples in a list of micro-batches."""
+    return sum(len(batch["labels"]) for batch in batches)
+
+
 def student_lr(optimizer, lookahead="sgd"):
     """ηs, the learning rate that all of the student's parameter groups must share, read as each
     step that looks ahead begins; for lookahead 'adamw', the optimizer must be a plain AdamW."""
@@ -358,11 +387,11 @@ def student_lookahead(teacher, student, student_optimizer, batches, opts):
             logits = logits.detach()
         teacher_targets.append(targets)
         student_logits.append(logits)
-    # Line 4: θs' (eq. 2), as new tensors.
+    # Line 4: θs' (eq. 2), as new tensors, from the gradient of the whole batch (all processes).
+    *grads, loss = global_mean(grads + [torch.stack(losses).sum()], rows_of(batches))
     theta_next = lookahead_params(trainable(student), grads, student_optimizer, lr,
                                   opts.lookahead)
-    return StudentLookAhead(lr, theta_next, grads, torch.stack(losses).sum(), teacher_targets,
-                            student_logits)
+    return StudentLookAhead(lr, theta_next, grads, loss, teacher_targets, student_logits)
 
 
 def feedback_gradient(student, params, feedback_batch):
@@ -378,7 +407,8 @@ def feedback_gradient(student, params, feedback_batch):
         v = accumulate(v, torch.autograd.grad(loss, list(params.values()),
                                               materialize_grads=True))
         losses.append(loss.detach())
-    return v, torch.stack(losses).sum()
+    *v, loss = global_mean(v + [torch.stack(losses).sum()], rows_of(batches))
+    return v, loss
 
 
 def influence_fd(student, v, inputs, teacher_logits, sample_loss, radius=0.01):
@@ -504,11 +534,16 @@ def teacher_gradient(teacher, student, student_optimizer, batch, feedback_batch,
                                                                 materialize_grads=True))
         teacher_losses.append((aux + term).detach())
         ws.append(w.detach())
+    # The whole batch's gradients (all processes), each kept apart for the ratio logged.
+    reduced = global_mean(aux_grads + term_grads + [torch.stack(teacher_losses).sum()],
+                          rows_of(batches))
+    aux_grads = reduced[:len(params)]
+    term_grads = reduced[len(params):-1]
     for p, a, b in zip(params, aux_grads, term_grads):
         p.grad = a + b
     ratio = torch.nn.utils.get_total_norm(term_grads) / torch.nn.utils.get_total_norm(aux_grads)
-    logs = {"teacher_loss": torch.stack(teacher_losses).sum(), "feedback_loss": feedback_loss,
-            "w": torch.cat(ws), "influence_aux_ratio": ratio}
+    logs = {"teacher_loss": reduced[-1], "feedback_loss": feedback_loss, "w": torch.cat(ws),
+            "influence_aux_ratio": ratio}
     student_logits = None
     if len(batches) == 1:
         student_logits = lookahead.student_logits[0]
@@ -537,9 +572,10 @@ def student_gradient(teacher, student, batch, opts=Options(), student_logits=Non
         loss = weight * student_loss(logits, teacher_targets, batch["labels"], opts)
         grads = accumulate(grads, torch.autograd.grad(loss, params, allow_unused=True))
         losses.append(loss.detach())
+    *grads, loss = global_mean(grads + [torch.stack(losses).sum()], rows_of(batches))
     for p, g in zip(params, grads):
         p.grad = g
-    return torch.stack(losses).sum()
+    return loss
 
 
 def lgtm_step(teacher, student, teacher_optimizer, student_optimizer, batch, feedback_batch,
@@ -620,11 +656,12 @@ def online_teacher_gradient(teacher, student, batch, opts=Options()):
         loss = weight * teacher_aux_loss(teacher_logits, student_logits, batch["labels"], opts)
         grads = accumulate(grads, torch.autograd.grad(loss, params, allow_unused=True))
         losses.append(loss.detach())
+    *grads, loss = global_mean(grads + [torch.stack(losses).sum()], rows_of(batches))
     for p, g in zip(params, grads):
         p.grad = g
     if not keep_graph:
         student_logits = None
-    return torch.stack(losses).sum(), student_logits
+    return loss, student_logits
 
 
 def online_step(teacher, student, teacher_optimizer, student_optimizer, batch,
@@ -656,11 +693,12 @@ def meta_gradients(teacher, student, student_optimizer, batch, feedback_batch, o
         grads = accumulate(grads, torch.autograd.grad(loss, params, allow_unused=True))
         losses.append(loss.detach())
         ws.append(w.detach())
-    for p, g in zip(params, grads):
+    *grads, loss = global_mean(grads + [torch.stack(losses).sum()], rows_of(batches))
+    for p, g in zip(params, grads):  # not clipped yet: the clip must see the whole gradient
         p.grad = g
     for p, g in zip(trainable(student).values(), lookahead.student_grads):  # eq. 6
         p.grad = g
-    return {"teacher_loss": torch.stack(losses).sum(), "student_loss": lookahead.student_loss,
+    return {"teacher_loss": loss, "student_loss": lookahead.student_loss,
             "feedback_loss": feedback_loss, "w": torch.cat(ws)}
 
 
@@ -869,7 +907,7 @@ def split_feedback(train, fraction, seed):
     return train.select(sorted(rows[held_out:])), train.select(sorted(rows[:held_out]))
 
 
-def make_loader(ds, tokenizer, max_length, batch_size, shuffle=False, seed=0):
+def make_loader(ds, tokenizer, max_length, batch_size, shuffle=False, seed=0, drop_last=False):
     """Batches of token ids, padded to their longest sequence, with labels and idx (the rows);
     the text is tokenized once."""
     from transformers import DataCollatorWithPadding
@@ -883,7 +921,7 @@ def make_loader(ds, tokenizer, max_length, batch_size, shuffle=False, seed=0):
     return torch.utils.data.DataLoader(ds, batch_size, shuffle,
                                        collate_fn=DataCollatorWithPadding(tokenizer),
                                        generator=torch.Generator().manual_seed(seed),
-                                       pin_memory=torch.cuda.is_available())
+                                       pin_memory=torch.cuda.is_available(), drop_last=drop_last)
 
 
 def to_device(batch, device):
@@ -1094,6 +1132,42 @@ def single_class(task, logits):
 
 # == 6. The training loop: stage 1 (kd, meta: fine-tune the teacher), stage 2, the run folder ==
 
+def process_rank():
+    """This process's rank under torchrun; 0 in a plain run."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    return 0
+
+
+def world_size():
+    """The number of processes under torchrun; 1 in a plain run."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return 1
+
+
+def shard(batch):
+    """This process's rows of a batch that every process holds whole: consecutive rows, the
+    first processes one more where they do not divide evenly."""
+    rows = torch.tensor_split(torch.arange(len(batch["labels"])), world_size())[process_rank()]
+    return {key: value[rows] for key, value in batch.items()}
+
+
+def split_rows(batch, parts):
+    """The batch as (at most) `parts` micro-batches of consecutive rows, none of them empty."""
+    if parts == 1:
+        return batch
+    pieces = torch.tensor_split(torch.arange(len(batch["labels"])), parts)
+    return [{key: value[rows] for key, value in batch.items()} for rows in pieces if len(rows)]
+
+
+def average_gradients(model, rows):
+    """Each parameter's .grad becomes that of the whole batch, over all processes."""
+    params = list(model.parameters())
+    for p, g in zip(params, global_mean([p.grad for p in params], rows)):
+        p.grad = g
+
+
 RUN_FILES = ("metrics.json", "train_log.jsonl", "student", "teacher", "teacher_finetuned",
              "predictions")
 
@@ -1120,8 +1194,11 @@ class Run:
     def __init__(self, args, tokenizer):
         self.dir = args.output_dir
         self.tokenizer = tokenizer
+        self.writes = process_rank() == 0  # under torchrun, rank 0 alone prints and writes
         self.ratios = []
-        self.log_file = open(self.dir / "train_log.jsonl", "w")
+        self.log_file = None
+        if self.writes:
+            self.log_file = open(self.dir / "train_log.jsonl", "w")
         self.metrics = {"args": dict(vars(args)), "status": "running", "notes": [],
                         "warnings": [], "history": [], "best": None}
 
@@ -1129,11 +1206,12 @@ class Run:
         """Prints a line above the progress bar and keeps it in metrics.json."""
         from tqdm import tqdm
         if warning:
-            tqdm.write("warning: " + message)
             self.metrics["warnings"].append(message)
+            message = "warning: " + message
         else:
-            tqdm.write(message)
             self.metrics["notes"].append(message)
+        if self.writes:
+            tqdm.write(message)
 
     def log(self, pending):
         """Writes the steps finished since the last call (one wait for the device); a loss that
@@ -1144,8 +1222,9 @@ class Run:
             record.update({key: value.tolist() for key, value in out.items()})
             records.append(record)
         self.ratios += [r["influence_aux_ratio"] for r in records if "influence_aux_ratio" in r]
-        self.log_file.writelines(json.dumps(record) + "\n" for record in records)
-        self.log_file.flush()
+        if self.writes:
+            self.log_file.writelines(json.dumps(record) + "\n" for record in records)
+            self.log_file.flush()
         for record in records:
             for key, value in record.items():
                 if "loss" in key and not math.isfinite(value):
@@ -1158,13 +1237,16 @@ class Run:
         """metrics.json, replaced whole (a reader never sees half of it)."""
         if status is not None:
             self.metrics["status"] = status
+        if not self.writes:
+            return
         temporary = self.dir / "metrics.json.tmp"
         temporary.write_text(json.dumps(self.metrics, indent=2, default=str))
         temporary.replace(self.dir / "metrics.json")
 
     def checkpoint(self, model, name):
-        model.save_pretrained(self.dir / name)
-        self.tokenizer.save_pretrained(self.dir / name)
+        if self.writes:
+            model.save_pretrained(self.dir / name)
+            self.tokenizer.save_pretrained(self.dir / name)
 
     def record_evaluation(self, entry, student):
         """Keeps the evaluation in the history and the student if it is the best so far."""
@@ -1178,7 +1260,8 @@ class Run:
                   f"{fmt(entry['teacher'])}")
 
     def close(self):
-        self.log_file.close()
+        if self.log_file is not None:
+            self.log_file.close()
 
 
 def fmt(metrics):
@@ -1205,13 +1288,14 @@ def finetune_teacher(teacher, data, args, run):
     total = stage_steps(len(data.train), args.teacher_epochs, args.max_steps)
     optimizer, scheduler = make_optimizer(teacher, args.finetune_lr, total)
     batches = forever(data.train)
-    for _ in tqdm(range(total), "stage 1: teacher"):
-        batch = to_device(next(batches), args.device)
+    for _ in tqdm(range(total), "stage 1: teacher", disable=process_rank() > 0):
+        batch = to_device(shard(next(batches)), args.device)
         with mixed_precision(args):
             logits = forward(teacher, model_inputs(batch), True)
             loss = ground_truth_loss(logits, batch["labels"]).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        average_gradients(teacher, len(batch["labels"]))
         optimizer.step()
         scheduler.step()
     metrics, collapsed = evaluate(teacher, data.dev, data.task, args.device)
@@ -1238,25 +1322,27 @@ def train_loop(teacher, student, data, args, opts, run):
     if data.feedback is not None:
         feedback = forever(data.feedback)
     eval_steps = args.eval_steps or len(data.train)
-    progress = tqdm(total=total, desc=args.method)
+    progress = tqdm(total=total, desc=args.method, disable=process_rank() > 0)
     pending = []  # the steps whose losses are still on the device
     seconds = 0.0
     seen = 0
     try:
         for step, batch in zip(range(1, total + 1), forever(data.train)):
             started = time.perf_counter()
+            seen += len(batch["labels"])
+            batch = shard(batch)  # this process's share of the batch
             rows = batch.pop("idx")
-            batch = to_device(batch, args.device)
+            batch = split_rows(to_device(batch, args.device), args.gradient_accumulation_steps)
             feedback_batch = None
             if feedback is not None:
-                feedback_batch = to_device(next(feedback), args.device)
+                feedback_batch = to_device(shard(next(feedback)), args.device)
+                feedback_batch = split_rows(feedback_batch, args.gradient_accumulation_steps)
             with mixed_precision(args):
                 out = distill_step(teacher, student, teacher_optimizer, student_optimizer, batch,
                                    feedback_batch, opts)
             pending.append((step, student_optimizer.param_groups[0]["lr"], rows, out))
             for scheduler in schedulers:
                 scheduler.step()
-            seen += len(rows)
             evaluating = step % eval_steps == 0 or step == total
             if step % args.logging_steps == 0 or evaluating:
                 finished, pending = pending, []
@@ -1446,8 +1532,10 @@ def add_optimisation_flags(group):
                        help="meta: clip the teacher's gradient to this norm; 0: never")
     group.add_argument("--finetune-lr", type=POSITIVE, default=3e-5,
                        help="kd, meta: the teacher's learning rate in stage 1")
-    group.add_argument("--batch-size", type=COUNT, default=32,
-                       help="training and feedback batch size")
+    group.add_argument("--batch-size", type=COUNT, default=32, help="training and feedback batch "
+                       "size; under torchrun, of all processes together")
+    group.add_argument("--gradient-accumulation-steps", type=COUNT, default=1, help="take each "
+                       "batch in N micro-batches: the same step, the memory of one micro-batch")
     group.add_argument("--eval-batch-size", type=COUNT, default=128, help="evaluation batch size")
     group.add_argument("--epochs", type=POSITIVE, default=6, help="distillation epochs")
     group.add_argument("--teacher-epochs", type=NONNEGATIVE, default=6,
@@ -1473,6 +1561,16 @@ def add_run_flags(group):
 def check_flags(parser, args):
     """The combinations of flags that cannot work, each a usage error."""
     regression = not TASKS[args.task].labels
+    processes = int(os.environ.get("WORLD_SIZE", 1))  # torchrun's
+    if args.batch_size < processes:
+        parser.error(f"argument --batch-size: {args.batch_size} is less than the {processes} "
+                     f"processes of torchrun, which each take a share of every batch")
+    if args.gradient_accumulation_steps > args.batch_size // processes:
+        parser.error(f"argument --gradient-accumulation-steps: {args.gradient_accumulation_steps} "
+                     f"micro-batches need as many examples of each batch per process")
+    if "LOCAL_RANK" in os.environ and args.device and args.device.startswith("cuda:"):
+        parser.error("argument --device: under torchrun each process takes the GPU of its "
+                     "LOCAL_RANK: pass --device cuda")
     if args.influence_weight != 1 and args.method != "lgtm":
         parser.error("argument --influence-weight: applies to --method lgtm only")
     if args.teacher_max_grad_norm != 1 and args.method != "meta":
@@ -1500,22 +1598,27 @@ def main(argv=None):
     args = parse_args(argv)
     previous_handler = signal.signal(signal.SIGTERM, stop_on_sigterm)
     try:
+        start_processes(args)
         return run_experiment(args)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        report(f"error: {e}")
         sys.exit(e.code)
     except KeyboardInterrupt as e:  # while loading, before the run had written anything
         cause = interrupt_cause(e)
-        print(f"error: interrupted ({cause}) before training; nothing was written",
-              file=sys.stderr)
+        report(f"error: interrupted ({cause}) before training; nothing was written")
         sys.exit(EXIT_CODES.get(cause, 130))
     finally:
         signal.signal(signal.SIGTERM, previous_handler)
+        end_processes()
 
 
 def stop_on_sigterm(signum, frame):
-    """SIGTERM (timeout, SLURM, Kubernetes) stops a run as Ctrl-C does."""
+    """SIGTERM (timeout, SLURM, Kubernetes; torchrun passes it on) stops a run as Ctrl-C does."""
+    TERMINATED.append(signum)
     raise KeyboardInterrupt("SIGTERM")
+
+
+TERMINATED = []  # the SIGTERMs received: a collective that then fails was cut by one
 
 
 def interrupt_cause(interrupt):
@@ -1524,10 +1627,76 @@ def interrupt_cause(interrupt):
     return "Ctrl-C"
 
 
+def report(message):
+    """An error line on stderr; under torchrun from rank 0 alone, as all processes meet it."""
+    if process_rank() == 0:
+        print(message, file=sys.stderr)
+
+
+def start_processes(args):
+    """Under torchrun (which sets RANK, LOCAL_RANK and WORLD_SIZE), joins its process group:
+    NCCL on CUDA, each process on the GPU of its LOCAL_RANK, or gloo on CPU. Else nothing."""
+    if "RANK" not in os.environ:
+        return
+    if args.device == "cuda":
+        args.device = f"cuda:{os.environ['LOCAL_RANK']}"
+        torch.cuda.set_device(args.device)
+        dist.init_process_group("nccl", device_id=torch.device(args.device))
+    else:
+        dist.init_process_group("gloo")
+
+
+def end_processes():
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def run_experiment(args):
     """A run from its flags to its folder. Everything is read and loaded before an old run in
-    --output-dir goes, so that a failed start loses nothing."""
-    prepare_output_dir(args)
+    --output-dir goes, so that a failed start loses nothing; under torchrun, a failed start on
+    any process ends all of them."""
+    teacher, student, data, tokenizer, model_lines = together(load, args)
+    run = together(start_run, args, tokenizer)
+    try:
+        describe_run(run, args, data, *model_lines)
+        train(teacher, student, data, args, run)
+        if args.predict:
+            write_predictions(args, data, run)
+        finish(run)
+    except (UserError, OSError, KeyboardInterrupt) as e:
+        raise stopped(run, e) from None
+    except RuntimeError:  # under torchrun: a collective cut short by another process's SIGTERM
+        if not TERMINATED:
+            raise
+        raise stopped(run, KeyboardInterrupt("SIGTERM")) from None
+    finally:
+        run.close()
+    return run.metrics
+
+
+def together(step, *args):
+    """step(*args) on every process; if it fails on any, it fails on all with the first
+    failure's message, so that none waits for the others in vain. In a plain run: step(*args)."""
+    if world_size() == 1:
+        return step(*args)
+    result = None
+    failure = None
+    try:
+        result = step(*args)
+    except UserError as e:
+        failure = str(e)
+    failures = [None] * world_size()
+    dist.all_gather_object(failures, failure)
+    for failure in failures:
+        if failure is not None:
+            raise UserError(failure)
+    return result
+
+
+def load(args):
+    """The run's data and models, on its device, checked; its folder made but not yet cleared."""
+    if process_rank() == 0:
+        prepare_output_dir(args)
     check_hub_access(hub_inputs(args))
     quiet_libraries()
     torch.set_float32_matmul_precision(MATMUL_PRECISION[args.precision])
@@ -1545,20 +1714,19 @@ def run_experiment(args):
     data = make_data(args, task, splits, tokenizer)
     teacher = teacher.to(args.device)
     student = student.to(args.device)
+    if world_size() > 1:
+        same_weights_everywhere(teacher, student)
+        torch.manual_seed(args.seed + process_rank())  # dropout differs from process to process
     if args.compile:
         compile_models(teacher, student)
-    run = start_run(args, tokenizer)
-    try:
-        describe_run(run, args, data, teacher_line, student_line)
-        train(teacher, student, data, args, run)
-        if args.predict:
-            write_predictions(args, data, run)
-        finish(run)
-    except (UserError, OSError, KeyboardInterrupt) as e:
-        raise stopped(run, e) from None
-    finally:
-        run.close()
-    return run.metrics
+    return teacher, student, data, tokenizer, (teacher_line, student_line)
+
+
+def same_weights_everywhere(*models):
+    """Rank 0's weights on every process, as DistributedDataParallel would start."""
+    for model in models:
+        for tensor in model.state_dict().values():
+            dist.broadcast(tensor, 0)
 
 
 def prepare_output_dir(args):
@@ -1633,8 +1801,9 @@ def make_data(args, task, splits, tokenizer):
     """The loaders of a run, and the probe set's batches on the device."""
     def loader(name, batch_size, shuffle=False):
         seed = args.seed + (name == "feedback")
+        drop_last = shuffle and too_few_to_share(len(splits[name]) % batch_size)
         return make_loader(splits[name], tokenizer, args.max_seq_length, batch_size, shuffle,
-                           seed)
+                           seed, drop_last)
 
     feedback = None
     if args.method in ("meta", "lgtm"):
@@ -1651,6 +1820,12 @@ def make_data(args, task, splits, tokenizer):
         probe = probe_batches(args, splits, tokenizer)
     return RunData(task, loader("train", args.batch_size, shuffle=True), feedback, dev, test,
                    probe, len(splits["train"]), len(splits["feedback"]))
+
+
+def too_few_to_share(rows):
+    """Whether an epoch's last batch of this many rows must be dropped: under torchrun, when it
+    has fewer rows than there are processes (each needs one)."""
+    return 0 < rows < world_size()
 
 
 def probe_batches(args, splits, tokenizer):
@@ -1672,6 +1847,8 @@ def start_run(args, tokenizer):
     out = args.output_dir
     try:
         for path in (out / name for name in RUN_FILES):
+            if process_rank() > 0:
+                break
             if path.is_dir():
                 shutil.rmtree(path)
             else:
@@ -1694,6 +1871,13 @@ def describe_run(run, args, data, teacher_line, student_line):
              f"device {args.device}, precision {args.precision}{compiled}")
     run.note(teacher_line)
     run.note(student_line)
+    if world_size() > 1:
+        run.note(f"data parallel: {world_size()} processes ({dist.get_backend()}), each taking "
+                 f"its share of every batch of {args.batch_size}")
+        for name, size in (("train", data.train_size), ("feedback", data.feedback_size)):
+            if too_few_to_share(size % args.batch_size):
+                run.note(f"the last {size % args.batch_size} {name} examples of each epoch are "
+                         f"left out: fewer than the {world_size()} processes")
     if args.feedback_split and feeds_back:
         run.note(f"{data.feedback_size} examples held out of train (--feedback-split) feed back "
                  f"to the teacher")
@@ -1723,6 +1907,8 @@ def train(teacher, student, data, args, run):
 def write_predictions(args, data, run):
     """GLUE-server files <TASK>.tsv of index and prediction (the labels' names), by the best
     student, for each test split."""
+    if process_rank() > 0:
+        return
     task = data.task
     best, _ = load_model(str(args.output_dir / "student"), "--student", task.num_labels)
     best = best.to(args.device)

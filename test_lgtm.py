@@ -962,6 +962,178 @@ def test_trainer_resumes_the_teacher_from_a_checkpoint(model_dir, tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------
+# More GPUs: under torchrun every step is the one-process step on the whole batch
+# ----------------------------------------------------------------------------------------------
+
+DISTRIBUTED_CASES = {"kd": {}, "online": {}, "meta": {"teacher_max_grad_norm": 1e-3},
+                     "lgtm": {}, "lgtm exact": {"influence": "exact"},
+                     "lgtm adamw": {"lookahead": "adamw"}}
+SHARDS = {"batch": [5, 2], "feedback": [2, 3]}  # unequal shards of 7 and 5 rows
+
+
+def distributed_steps(case, rank=None):
+    """The parameters of both models after two steps of the case: on the whole batches of 7
+    and 5 rows (rank None), or on this rank's rows of them."""
+    teacher, student, teacher_optimizer, student_optimizer = make_pair()
+    opts = lgtm.Options(student_alpha=0.3, temperature=2.0, fd_radius=1e-4,
+                        **DISTRIBUTED_CASES[case])
+    step = lgtm.STEPS[case.split()[0]]
+    for seed in range(2):
+        batch, feedback = random_batch(40 + seed, size=7), random_batch(50 + seed, size=5)
+        if rank is not None:
+            batch = micro(batch, SHARDS["batch"])[rank]
+            feedback = micro(feedback, SHARDS["feedback"])[rank]
+        step(teacher, student, teacher_optimizer, student_optimizer, batch, feedback, opts)
+    return flat(snapshot(teacher) + snapshot(student))
+
+
+def unreduced(tensors, rows):
+    """global_mean without its all-reduce: each process's own mean, for the control."""
+    return list(tensors)
+
+
+def fail_on_rank_one():
+    if torch.distributed.get_rank() == 1:
+        raise lgtm.UserError("rank 1 could not read its data")
+    return "loaded"
+
+
+def distributed_worker(out):
+    """Run by each process of the test below, under torchrun (gloo, 2 processes)."""
+    torch.distributed.init_process_group("gloo")
+    rank = torch.distributed.get_rank()
+    results = {}
+    for case in DISTRIBUTED_CASES:
+        results[case] = distributed_steps(case, rank)
+    reducing = lgtm.global_mean
+    lgtm.global_mean = unreduced
+    for case in DISTRIBUTED_CASES:
+        results[f"{case} unreduced"] = distributed_steps(case, rank)
+    lgtm.global_mean = reducing
+    try:
+        lgtm.together(fail_on_rank_one)
+    except lgtm.UserError as e:
+        results["together"] = str(e)
+    torch.save(results, Path(out) / f"rank{rank}.pt")
+    torch.distributed.destroy_process_group()
+
+
+def torchrun(*argv, processes=2):
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone",
+            f"--nproc_per_node={processes}", *argv]
+
+
+def quiet_environment():
+    return dict(os.environ, PYTHONPATH=str(HERE), OMP_NUM_THREADS="1")
+
+
+def test_each_data_parallel_step_is_the_one_process_step_on_the_whole_batch(tmp_path):
+    """Two processes with shards of 5 + 2 rows (feedback 2 + 3), float64: every method's two
+    steps equal the one-process steps on the whole batches to 1e-10 of the update, the ranks end
+    bit-identical, and the same steps without the all-reduces are off by more than 1e-3. A start
+    that fails on one process fails on both, with its message."""
+    worker = tmp_path / "worker.py"
+    worker.write_text("import sys\nimport test_lgtm\ntest_lgtm.distributed_worker(sys.argv[1])\n")
+    done = subprocess.run(torchrun(str(worker), str(tmp_path)), capture_output=True, text=True,
+                          env=quiet_environment(), timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{rank}.pt") for rank in (0, 1)]
+    teacher, student, _, _ = make_pair()
+    initial = flat(snapshot(teacher) + snapshot(student))
+    for case in DISTRIBUTED_CASES:
+        whole = distributed_steps(case)
+        update = (whole - initial).norm()
+        assert torch.equal(ranks[0][case], ranks[1][case]), case
+        assert float((ranks[0][case] - whole).norm() / update) < 1e-10, case
+        assert float((ranks[0][f"{case} unreduced"] - whole).norm() / update) > 1e-3, case
+    assert ranks[0]["together"] == ranks[1]["together"] == "rank 1 could not read its data"
+
+
+def no_dropout_model(model_dir, folder):
+    import transformers
+    from transformers import BertForSequenceClassification
+    model = BertForSequenceClassification.from_pretrained(model_dir, hidden_dropout_prob=0.0,
+                                                          attention_probs_dropout_prob=0.0)
+    model.save_pretrained(folder)
+    transformers.AutoTokenizer.from_pretrained(model_dir).save_pretrained(folder)
+    return folder
+
+
+def logged(out):
+    return [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+
+
+def test_a_torchrun_cli_run_matches_a_plain_run(model_dir, tmp_path):
+    """The same flags, with and without torchrun (2 processes, a batch of 7 in shares of 4 and
+    3, dropout off): the same per-step losses and the same dev history. meta has it all: stage
+    1, the look-ahead, the feedback batches, the influences and the clip."""
+    method = "meta"
+    model = no_dropout_model(model_dir, tmp_path / "model")
+    flags = ["--batch-size", "7", "--student-lr", "1e-2", "--teacher-lr", "1e-2",
+             "--finetune-lr", "1e-2", "--logging-steps", "1"]
+    lgtm.main(cli(model, tmp_path / "plain", *flags, method=method))
+    argv = cli(model, tmp_path / "torchrun", *flags, method=method)
+    done = subprocess.run(torchrun(str(HERE / "lgtm.py"), *argv), capture_output=True,
+                          text=True, env=quiet_environment(), timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "data parallel: 2 processes (gloo)" in done.stdout + done.stderr
+    plain, parallel = logged(tmp_path / "plain"), logged(tmp_path / "torchrun")
+    assert [r["step"] for r in parallel] == [r["step"] for r in plain] == [1, 2, 3, 4]
+    for a, b in zip(plain, parallel):
+        for key in a:  # meta's teacher loss is the influence term by FD in fp32: 1e-5 apart
+            if key.endswith("loss"):
+                assert b[key] == pytest.approx(a[key], rel=1e-4), (key, a, b)
+        assert b["row"] == a["row"][:4]  # rank 0's share, with its w
+    saved = [json.loads((tmp_path / name / "metrics.json").read_text())
+             for name in ("plain", "torchrun")]
+    for a, b in zip(saved[0]["history"], saved[1]["history"]):
+        assert a["step"] == b["step"]
+        for model_name in ("student", "teacher"):
+            assert b[model_name]["score"] == pytest.approx(a[model_name]["score"], abs=1e-6)
+    assert saved[1]["status"] == "finished"
+
+
+def test_cli_gradient_accumulation_makes_the_same_run(model_dir, tmp_path):
+    """--gradient-accumulation-steps 3 takes each batch of 8 in micro-batches of 3, 3 and 2: the
+    same per-step losses and the same dev history as the batches whole (dropout off)."""
+    model = no_dropout_model(model_dir, tmp_path / "model")
+    flags = ["--student-lr", "1e-2", "--teacher-lr", "1e-2", "--logging-steps", "1"]
+    lgtm.main(cli(model, tmp_path / "whole", *flags))
+    lgtm.main(cli(model, tmp_path / "micro", *flags, "--gradient-accumulation-steps", "3"))
+    whole, micro_batches = logged(tmp_path / "whole"), logged(tmp_path / "micro")
+    assert len(whole) == len(micro_batches) == 4
+    for a, b in zip(whole, micro_batches):
+        for key in ("student_loss", "teacher_loss", "feedback_loss"):
+            assert b[key] == pytest.approx(a[key], rel=1e-5), (key, a, b)
+
+
+def test_sigterm_to_a_torchrun_job_stops_every_process_and_rank_0_says_how(model_dir, tmp_path):
+    out = tmp_path / "run"
+    argv = cli(model_dir, out, "--max-steps", "100000", "--eval-steps", "2", "--logging-steps",
+               "1")
+    job = subprocess.Popen(torchrun(str(HERE / "lgtm.py"), *argv), stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True, env=quiet_environment())
+    deadline = time.time() + 120
+    while time.time() < deadline and not (out / "student" / "config.json").is_file():
+        time.sleep(0.2)
+    time.sleep(0.5)
+    job.send_signal(signal.SIGTERM)
+    _, stderr = job.communicate(timeout=60)
+    assert job.returncode != 0
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["status"] == "interrupted (SIGTERM)" and saved["history"], stderr[-2000:]
+
+
+def test_bad_flags_for_torchrun_end_in_one_usage_error(model_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    for extra, needle in ((["--batch-size", "2"], "less than the 4 processes"),
+                          (["--gradient-accumulation-steps", "3"], "micro-batches need")):
+        argv = with_flags(cli(model_dir, tmp_path / "run"), extra)
+        assert_one_clear_error(run_in_process(argv, capsys), needle)
+
+
+# ----------------------------------------------------------------------------------------------
 # Section 1 of lgtm.py lifts out alone; the README's snippet runs as written
 # ----------------------------------------------------------------------------------------------
 
