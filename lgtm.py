@@ -38,6 +38,8 @@ import torch.nn.functional as F
 from torch.func import functional_call, jvp
 
 # == 1. LGTM (Algorithm 1). The imports above and this section, copied, run in your trainer. ==
+# It needs torch 2.6 or newer and, of the imports above: contextlib, dataclasses, functools,
+# math, Mapping, NamedTuple, torch, torch.distributed, F, functional_call and jvp.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,7 +53,7 @@ class Options:
     influence: str = "fd"  # line 7: finite differences (eq. 10), or "exact" (forward mode)
     fd_radius: float = 0.01  # r: the finite-difference step is ±eps v, with eps = r / ||v||
     lookahead: str = "sgd"  # lines 3-4: an SGD step (Algorithm 1), or the real "adamw" step
-    influence_weight: float = 1.0  # lgtm: λ times the influence term (1: the derivation's)
+    influence_weight: float = 1.0  # lgtm: multiplies the influence term (1: the derivation)
     teacher_max_grad_norm: float = 1.0  # meta: clip the teacher's gradient norm (0: never)
 
     def __post_init__(self):
@@ -158,22 +160,16 @@ def check_batch(batch, name):
         raise ValueError(f"{name} holds no examples: give at least one")
 
 
-def row_weights(batches):
-    """Each micro-batch's share of the examples: the weight of its mean loss in the batch's."""
-    sizes = [len(batch["labels"]) for batch in batches]
-    return [size / sum(sizes) for size in sizes]
-
-
 def model_inputs(batch):
     """What a model is given of a batch: input_ids, and token_type_ids and attention_mask where
     the batch has them."""
     return {key: batch[key] for key in MODEL_INPUTS if key in batch}
 
 
-def forward(model, inputs, train, params=None):
-    """The model's logits in fp32, with dropout (train) or without, at its own parameters or at
-    params (name -> tensor). Every submodule's mode is restored afterwards."""
-    with mode(model, train):
+def forward(model, inputs, dropout, params=None):
+    """The model's logits in fp32, with dropout or without, at its own parameters or at params
+    (name -> tensor). Every submodule's mode is restored afterwards."""
+    with mode(model, dropout):
         if params is None:
             output = model(**inputs)
         else:
@@ -225,19 +221,30 @@ def full_precision(device):
         torch.set_float32_matmul_precision(previous)
 
 
-def check_precision(student):
-    """Refuses the two settings that would defeat full_precision or the teacher's update."""
+def check_autocast(model):
+    """fp16 autocast would need a GradScaler, which gradients taken here do not take: refused."""
+    device_type = next(model.parameters()).device.type
+    if torch.is_autocast_enabled(device_type):
+        if torch.get_autocast_dtype(device_type) == torch.float16:
+            raise ValueError("fp16 autocast needs a GradScaler, which the steps' gradients do "
+                             "not take: use bf16 autocast (no scaler needed) or fp32")
+
+
+def check_influence_precision(student):
+    """The influence passes need fp32 weights and a forward that full_precision can keep out of
+    autocast; a student that would defeat either is refused."""
+    check_autocast(student)
     if "_original_forward" in vars(student):
         raise ValueError("the student's forward is wrapped in autocast (accelerate's mixed "
                          "precision does this, as under Hugging Face Trainer with bf16 or fp16), "
                          "which would run the influence passes in low precision: step the model "
                          "that accelerator.unwrap_model(student, keep_fp32_wrapper=False) gives, "
                          "inside accelerator.autocast()")
-    device_type = next(student.parameters()).device.type
-    if torch.is_autocast_enabled(device_type):
-        if torch.get_autocast_dtype(device_type) == torch.float16:
-            raise ValueError("fp16 autocast needs a GradScaler, which the teacher's update does "
-                             "not take: use bf16 autocast (no scaler needed) or fp32")
+    for name, p in trainable(student).items():
+        if p.dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"the student's {name} is {p.dtype}: the finite differences need "
+                             f"fp32 weights (a step of r/||v|| vanishes in {p.dtype}); keep fp32 "
+                             f"weights and run the step under bf16 autocast instead")
 
 
 def trainable(model):
@@ -245,20 +252,10 @@ def trainable(model):
     return {name: p for name, p in model.named_parameters() if p.requires_grad}
 
 
-def accumulate(total, grads):
-    """total + grads, elementwise over two lists of gradients (None: no gradient); total None:
-    the first of a sum."""
-    if total is None:
-        return list(grads)
-    summed = []
-    for a, b in zip(total, grads):
-        if a is None:
-            summed.append(b)
-        elif b is None:
-            summed.append(a)
-        else:
-            summed.append(a + b)
-    return summed
+def row_weights(batches):
+    """Each micro-batch's share of the examples: the weight of its mean loss in the batch's."""
+    sizes = [len(batch["labels"]) for batch in batches]
+    return [size / sum(sizes) for size in sizes]
 
 
 def global_mean(tensors, rows):
@@ -267,9 +264,11 @@ def global_mean(tensors, rows):
     each process's share of a batch is the step on the whole batch. None entries (no gradient)
     stay None. Without a group, or in a group of one, the tensors are returned as they are."""
     tensors = list(tensors)
-    if not dist.is_available() or not dist.is_initialized() or dist.get_world_size() == 1:
-        return tensors
     present = [t for t in tensors if t is not None]
+    if not present or not dist.is_available() or not dist.is_initialized():
+        return tensors
+    if dist.get_world_size() == 1:
+        return tensors
     dtype = present[0].dtype
     weighted = [t.reshape(-1).to(dtype) * rows for t in present]
     flat = torch.cat(weighted + [present[0].new_tensor([rows], dtype=dtype)])
@@ -284,9 +283,35 @@ def global_mean(tensors, rows):
     return reduced
 
 
-def rows_of(batches):
-    """The examples in a list of micro-batches."""
-    return sum(len(batch["labels"]) for batch in batches)
+class BatchGradient:
+    """The gradient of a batch's mean loss, summed one micro-batch at a time (each micro-batch's
+    mean loss weighted by its share of the rows), then averaged over the processes."""
+
+    def __init__(self, params, batches):
+        self.params = params
+        self.rows = sum(len(batch["labels"]) for batch in batches)
+        self.grads = None
+        self.losses = []
+
+    def add(self, weighted_loss, retain_graph=False):
+        grads = torch.autograd.grad(weighted_loss, self.params, retain_graph=retain_graph,
+                                    materialize_grads=True)
+        if self.grads is None:
+            self.grads = list(grads)
+        else:
+            self.grads = [total + g for total, g in zip(self.grads, grads)]
+        self.losses.append(weighted_loss.detach())
+
+    def mean(self):
+        """(The gradient, the loss) of the whole batch, over all processes."""
+        loss = torch.stack(self.losses).sum()
+        *grads, loss = global_mean(self.grads + [loss], self.rows)
+        return grads, loss
+
+
+def set_grad(params, grads):
+    for p, g in zip(params, grads):
+        p.grad = g
 
 
 def student_lr(optimizer, lookahead="sgd"):
@@ -317,38 +342,42 @@ def check_plain_adamw(optimizer):
 
 
 @torch.no_grad()
-def lookahead_params(params, grads, optimizer, lr, form="sgd"):
+def lookahead_params(params, grads, optimizer, lr, lookahead="sgd"):
     """θs' after one student step (lines 3-4), as new tensors; params, their .grad and the
     optimizer are left untouched. 'sgd': θs - lr g, as in Algorithm 1, and the teacher's term is
     then the exact meta-gradient. 'adamw': where the optimizer's next step would land (the
     teacher's term keeps the SGD form: a heuristic, as in the authors' code)."""
-    if form == "adamw":
+    if lookahead == "adamw":
         return adamw_lookahead(params, grads, optimizer, lr)
     return {name: p - lr * g for (name, p), g in zip(params.items(), grads)}
 
 
 def adamw_lookahead(params, grads, optimizer, lr):
-    """Where torch.optim.AdamW's next step would take each parameter; its state is not changed."""
+    """Where torch.optim.AdamW's next step would take each parameter; its state is not changed,
+    and nothing is read back from the device (the step count stays a tensor)."""
     group_of = {p: group for group in optimizer.param_groups for p in group["params"]}
     new = {}
     for (name, p), g in zip(params.items(), grads):
         group = group_of[p]
         state = optimizer.state.get(p, {})
         beta1, beta2 = group["betas"]
-        step = float(state.get("step", 0)) + 1
         if state:
+            step = torch.as_tensor(state["step"], dtype=torch.float64) + 1
             exp_avg = state["exp_avg"] * beta1 + g * (1 - beta1)
             exp_avg_sq = state["exp_avg_sq"] * beta2 + g * g * (1 - beta2)
         else:
+            step = 1.0
             exp_avg = g * (1 - beta1)
             exp_avg_sq = g * g * (1 - beta2)
-        denom = exp_avg_sq.sqrt() / math.sqrt(1 - beta2 ** step) + group["eps"]
+        bias_correction1 = 1 - beta1 ** step
+        bias_correction2 = 1 - beta2 ** step
+        denom = exp_avg_sq.sqrt() / bias_correction2 ** 0.5 + group["eps"]
         decayed = p * (1 - lr * group["weight_decay"])
-        new[name] = decayed - lr / (1 - beta1 ** step) * exp_avg / denom
+        new[name] = decayed - lr / bias_correction1 * exp_avg / denom
     return new
 
 
-class StudentLookAhead(NamedTuple):
+class LookAheadStep(NamedTuple):
     """Lines 2-4 of Algorithm 1 on the micro-batches of z^r."""
 
     student_lr: float  # ηs
@@ -357,18 +386,17 @@ class StudentLookAhead(NamedTuple):
     student_loss: torch.Tensor  # L_s at θs
     teacher_targets: list  # per micro-batch: the teacher's logits without dropout
     student_logits: list  # per micro-batch: the student's logits with dropout
-    # With one micro-batch, its teacher_targets and student_logits keep their graphs for lines
-    # 7-9; with more, no graph is kept, so that memory stays that of one micro-batch.
+    kept_graphs: bool  # one micro-batch: both keep their graphs, for lines 7-9; with more, no
+    # graph is kept (the teacher's targets are then taken again), so memory stays that of one
 
 
-def student_lookahead(teacher, student, student_optimizer, batches, opts):
+def lookahead_step(teacher, student, student_optimizer, batches, opts):
     """Lines 2-4 of Algorithm 1: L_s on z^r and the look-ahead θs' = θs - ηs ∇θs L_s (eq. 1-2),
     as new tensors; nothing is updated."""
     lr = student_lr(student_optimizer, opts.lookahead)
-    params = list(trainable(student).values())
+    params = trainable(student)
     keep_graphs = len(batches) == 1
-    grads = None
-    losses = []
+    total = BatchGradient(list(params.values()), batches)
     teacher_targets = []
     student_logits = []
     for batch, weight in zip(batches, row_weights(batches)):
@@ -376,39 +404,32 @@ def student_lookahead(teacher, student, student_optimizer, batches, opts):
         # Line 2: z^r. The student's targets come from the teacher without dropout, as in its
         # real update (the teacher's own loss sees dropout: teacher_gradient).
         with torch.set_grad_enabled(keep_graphs):
-            targets = forward(teacher, inputs, False)
-        logits = forward(student, inputs, True)
+            targets = forward(teacher, inputs, dropout=False)
+        logits = forward(student, inputs, dropout=True)
         # Line 3: L_s (eq. 1) and its gradient.
-        loss = weight * student_loss(logits, targets, batch["labels"], opts)
-        g = torch.autograd.grad(loss, params, retain_graph=keep_graphs, materialize_grads=True)
-        grads = accumulate(grads, g)
-        losses.append(loss.detach())
+        total.add(weight * student_loss(logits, targets, batch["labels"], opts),
+                  retain_graph=keep_graphs)
         if not keep_graphs:
             logits = logits.detach()
         teacher_targets.append(targets)
         student_logits.append(logits)
     # Line 4: θs' (eq. 2), as new tensors, from the gradient of the whole batch (all processes).
-    *grads, loss = global_mean(grads + [torch.stack(losses).sum()], rows_of(batches))
-    theta_next = lookahead_params(trainable(student), grads, student_optimizer, lr,
-                                  opts.lookahead)
-    return StudentLookAhead(lr, theta_next, grads, loss, teacher_targets, student_logits)
+    grads, loss = total.mean()
+    theta_next = lookahead_params(params, grads, student_optimizer, lr, opts.lookahead)
+    return LookAheadStep(lr, theta_next, grads, loss, teacher_targets, student_logits,
+                         keep_graphs)
 
 
 def feedback_gradient(student, params, feedback_batch):
-    """v = ∇θs L_val(θs'; z^e) (lines 5-6; eq. 5) at params = θs', with dropout, and L_val. The
+    """v = ∇θs L_val(θs'; z^e) (lines 5-6) at params = θs', with dropout, and L_val itself. The
     feedback batch may be given as micro-batches."""
     batches = micro_batches(feedback_batch, "feedback_batch")
     params = {name: p.detach().requires_grad_() for name, p in params.items()}
-    v = None
-    losses = []
+    total = BatchGradient(list(params.values()), batches)
     for batch, weight in zip(batches, row_weights(batches)):
-        logits = forward(student, model_inputs(batch), True, params)
-        loss = weight * ground_truth_loss(logits, batch["labels"]).mean()
-        v = accumulate(v, torch.autograd.grad(loss, list(params.values()),
-                                              materialize_grads=True))
-        losses.append(loss.detach())
-    *v, loss = global_mean(v + [torch.stack(losses).sum()], rows_of(batches))
-    return v, loss
+        logits = forward(student, model_inputs(batch), dropout=True, params=params)
+        total.add(weight * ground_truth_loss(logits, batch["labels"]).mean())  # L_val (eq. 5)
+    return total.mean()
 
 
 def influence_fd(student, v, inputs, teacher_logits, sample_loss, radius=0.01):
@@ -424,8 +445,8 @@ def influence_fd(student, v, inputs, teacher_logits, sample_loss, radius=0.01):
     eps = radius / torch.nn.utils.get_total_norm(v).clamp_min(1e-30)  # v = 0: w = 0, not NaN
     step = [eps * d for d in v]
     with full_precision(teacher_logits.device), torch.no_grad():
-        plus = forward(student, inputs, False, shifted(params, step, 1))
-        minus = forward(student, inputs, False, shifted(params, step, -1))
+        plus = forward(student, inputs, dropout=False, params=shifted(params, step, 1))
+        minus = forward(student, inputs, dropout=False, params=shifted(params, step, -1))
     difference = sample_loss(plus, teacher_logits) - sample_loss(minus, teacher_logits)
     return difference / (2 * eps)
 
@@ -442,12 +463,12 @@ def influence_exact(student, v, inputs, teacher_logits, sample_loss):
     params = {name: p.detach() for name, p in trainable(student).items()}
     tangents = dict(zip(params, v))
 
-    def student_logits(p):
-        return forward(student, inputs, False, p)
+    def logits_at(p):
+        return forward(student, inputs, dropout=False, params=p)
 
     try:
         with full_precision(teacher_logits.device):
-            s, ds = jvp(student_logits, (params,), (tangents,))
+            s, ds = jvp(logits_at, (params,), (tangents,))
     except NotImplementedError as e:
         raise ValueError(f"influence 'exact' needs forward-mode AD (torch.func.jvp) through the "
                          f"student, which one of its operations lacks ({one_line(e)[:200]}). A "
@@ -468,11 +489,10 @@ def one_line(error):
 def influence(teacher, student, lookahead, v, batches, index, opts):
     """Line 7 on micro-batch `index`: w_i = ∇θs D_i · v (eq. 8, 10), with its graph to θt
     through the teacher's targets (line 2's, where their graph was kept; else taken again)."""
-    batch = batches[index]
-    inputs = model_inputs(batch)
+    inputs = model_inputs(batches[index])
     teacher_targets = lookahead.teacher_targets[index]
-    if len(batches) > 1:
-        teacher_targets = forward(teacher, inputs, False)
+    if not lookahead.kept_graphs:
+        teacher_targets = forward(teacher, inputs, dropout=False)
     sample_loss = functools.partial(distillation_loss, kind=opts.distill_loss,
                                     temperature=opts.temperature)  # D_i
     if opts.influence == "exact":
@@ -493,6 +513,37 @@ def influence_objective(w, student_lr, student_alpha=0.0, weight=1.0):
     return -weight * student_lr * (1 - student_alpha) * w.mean()
 
 
+class InfluenceGradient(NamedTuple):
+    """What influence_gradient leaves: lines 2-7, and the influence term's gradient."""
+
+    grads: list  # ∇θt of the influence objective, for every trainable teacher parameter
+    objective: torch.Tensor  # the influence objective itself
+    w: torch.Tensor  # the influences w_i of this process's rows, without graph
+    feedback_loss: torch.Tensor  # L_val(θs')
+    lookahead: LookAheadStep
+
+
+def influence_gradient(teacher, student, student_optimizer, batches, feedback_batch, opts,
+                       weight=1.0):
+    """Lines 2-7 of Algorithm 1 and the gradient of the influence objective (meta's eq. 7, the
+    second part of LGTM's eq. 11), one micro-batch at a time; nothing is updated."""
+    check_influence_precision(student)
+    # Lines 2-4: the look-ahead student step θs' = θs - ηs ∇θs L_s (eq. 1-2), as new tensors.
+    lookahead = lookahead_step(teacher, student, student_optimizer, batches, opts)
+    # Lines 5-6: the feedback batch z^e and v = ∇θs L_val(θs'; z^e) (eq. 5).
+    v, feedback_loss = feedback_gradient(student, lookahead.theta_next, feedback_batch)
+    total = BatchGradient(list(trainable(teacher).values()), batches)
+    ws = []
+    for index, share in enumerate(row_weights(batches)):
+        # Line 7: each training sample's distillation influence w_i = ∇θs D_i · v.
+        w = influence(teacher, student, lookahead, v, batches, index, opts)
+        objective = influence_objective(w, lookahead.student_lr, opts.student_alpha, weight)
+        total.add(share * objective)
+        ws.append(w.detach())
+    grads, objective = total.mean()
+    return InfluenceGradient(grads, objective, torch.cat(ws), feedback_loss, lookahead)
+
+
 class TeacherGradient(NamedTuple):
     """What teacher_gradient returns besides the teacher's .grad."""
 
@@ -505,76 +556,56 @@ def teacher_gradient(teacher, student, student_optimizer, batch, feedback_batch,
     the influence term (eq. 11), and steps no optimizer, so that the caller's clipping and
     optimizer stay in charge. batch (z^r) and feedback_batch (z^e) may each be given as
     micro-batches: the look-ahead and v are then those of the whole batch, while w and the
-    teacher's gradient are taken one micro-batch at a time, so that memory is that of one."""
+    teacher's gradient are taken one micro-batch at a time, so that memory is that of one.
+
+    Under torch.distributed (torchrun), call it on every process with its share of the batches
+    and the models not wrapped in DistributedDataParallel: it averages over the processes itself
+    (not for FSDP or any model split across devices)."""
     batches = micro_batches(batch, "batch")
-    check_precision(student)
-    # Lines 2-4: the look-ahead student step θs' = θs - ηs ∇θs L_s (eq. 1-2), as new tensors.
-    lookahead = student_lookahead(teacher, student, student_optimizer, batches, opts)
-    # Lines 5-6: the feedback batch z^e and v = ∇θs L_val(θs'; z^e) (eq. 5).
-    v, feedback_loss = feedback_gradient(student, lookahead.theta_next, feedback_batch)
     params = list(trainable(teacher).values())
-    aux_grads = None
-    term_grads = None
-    teacher_losses = []
-    ws = []
-    for index, weight in enumerate(row_weights(batches)):
-        # Line 7: each training sample's distillation influence w_i = ∇θs D_i · v.
-        w = influence(teacher, student, lookahead, v, batches, index, opts)
-        # Line 8: L_aux (online's eq. 3, the teacher with dropout) and the influence term
-        # (eq. 11, sign corrected; meta's eq. 7). Apart, their gradients give the ratio logged.
+    term = influence_gradient(teacher, student, student_optimizer, batches, feedback_batch, opts,
+                              opts.influence_weight)
+    # Line 8: L_aux (online's eq. 3, the teacher with dropout) beside the influence term (eq. 11,
+    # sign corrected). Their gradients, kept apart, give the ratio logged.
+    aux = BatchGradient(params, batches)
+    for index, share in enumerate(row_weights(batches)):
         batch = batches[index]
-        teacher_logits = forward(teacher, model_inputs(batch), True)
-        aux = weight * teacher_aux_loss(teacher_logits, lookahead.student_logits[index],
-                                        batch["labels"], opts)
-        term = weight * influence_objective(w, lookahead.student_lr, opts.student_alpha,
-                                            opts.influence_weight)
-        aux_grads = accumulate(aux_grads, torch.autograd.grad(aux, params,
-                                                              materialize_grads=True))
-        term_grads = accumulate(term_grads, torch.autograd.grad(term, params,
-                                                                materialize_grads=True))
-        teacher_losses.append((aux + term).detach())
-        ws.append(w.detach())
-    # The whole batch's gradients (all processes), each kept apart for the ratio logged.
-    reduced = global_mean(aux_grads + term_grads + [torch.stack(teacher_losses).sum()],
-                          rows_of(batches))
-    aux_grads = reduced[:len(params)]
-    term_grads = reduced[len(params):-1]
-    for p, a, b in zip(params, aux_grads, term_grads):
-        p.grad = a + b
-    ratio = torch.nn.utils.get_total_norm(term_grads) / torch.nn.utils.get_total_norm(aux_grads)
-    logs = {"teacher_loss": reduced[-1], "feedback_loss": feedback_loss, "w": torch.cat(ws),
-            "influence_aux_ratio": ratio}
+        teacher_logits = forward(teacher, model_inputs(batch), dropout=True)
+        student_logits = term.lookahead.student_logits[index]
+        aux.add(share * teacher_aux_loss(teacher_logits, student_logits, batch["labels"], opts))
+    aux_grads, aux_loss = aux.mean()
+    set_grad(params, [a + b for a, b in zip(aux_grads, term.grads)])
+    ratio = torch.nn.utils.get_total_norm(term.grads) / torch.nn.utils.get_total_norm(aux_grads)
+    logs = {"teacher_loss": aux_loss + term.objective, "feedback_loss": term.feedback_loss,
+            "w": term.w, "influence_aux_ratio": ratio}
     student_logits = None
-    if len(batches) == 1:
-        student_logits = lookahead.student_logits[0]
+    if term.lookahead.kept_graphs:
+        student_logits = term.lookahead.student_logits[0]
     return TeacherGradient(logs, student_logits)
 
 
 def student_gradient(teacher, student, batch, opts=Options(), student_logits=None):
-    """Line 9 of Algorithm 1, and the student's update of every method (eq. 1-2, 4): sets the
+    """Line 9 of Algorithm 1, and the student's update in kd and online (eq. 1-2, 4): sets the
     student's .grad to ∇θs L_s, the teacher's targets taken now, without dropout (in lgtm and
     online: after the teacher's update, appendix F.2); steps no optimizer. student_logits: the
     student's logits of the whole batch with their graph, to save a forward (lgtm_step passes
     line 2's); without them the student runs again, with dropout. Returns L_s."""
     batches = micro_batches(batch, "batch")
+    check_autocast(student)
     if student_logits is not None and len(batches) > 1:
         raise ValueError("student_logits are those of one whole batch, not of micro-batches")
     params = list(trainable(student).values())
-    grads = None
-    losses = []
-    for batch, weight in zip(batches, row_weights(batches)):
+    total = BatchGradient(params, batches)
+    for batch, share in zip(batches, row_weights(batches)):
         inputs = model_inputs(batch)
         with torch.no_grad():
-            teacher_targets = forward(teacher, inputs, False)
+            teacher_targets = forward(teacher, inputs, dropout=False)
         logits = student_logits
         if logits is None:
-            logits = forward(student, inputs, True)
-        loss = weight * student_loss(logits, teacher_targets, batch["labels"], opts)
-        grads = accumulate(grads, torch.autograd.grad(loss, params, allow_unused=True))
-        losses.append(loss.detach())
-    *grads, loss = global_mean(grads + [torch.stack(losses).sum()], rows_of(batches))
-    for p, g in zip(params, grads):
-        p.grad = g
+            logits = forward(student, inputs, dropout=True)
+        total.add(share * student_loss(logits, teacher_targets, batch["labels"], opts))
+    grads, loss = total.mean()
+    set_grad(params, grads)
     return loss
 
 
@@ -583,25 +614,23 @@ def lgtm_step(teacher, student, teacher_optimizer, student_optimizer, batch, fee
     """One iteration of Algorithm 1 on the batches z^r and z^e: the teacher's update, then the
     student's. Each batch is a dict with input_ids, labels and, where the models take them,
     attention_mask and token_type_ids (the same tokenizer for both models), or a list of such
-    micro-batches. Each model returns logits (batch, classes) or an output with .logits.
+    micro-batches. Each model returns logits (batch, classes) or an output with .logits, and
+    keeps fp32 weights (bf16 autocast around the step is fine; fp16 is refused).
 
     No scheduler step and no read from the device; the models' modes are kept. Afterwards each
     model's .grad holds the gradient its optimizer stepped with: the next step replaces it, but
     clear it before any backward of your own. With influence 'fd' and the batch whole, a step
     costs 7 teacher and 10 student forward passes (a backward counts as two); given as
-    micro-batches, 8 and 11."""
+    micro-batches, 8 and 11. Under torchrun: as teacher_gradient says."""
     update = teacher_gradient(teacher, student, student_optimizer, batch, feedback_batch, opts)
     teacher_optimizer.step()
     # Line 9: the student distils (eq. 1-2) from the teacher just updated (appendix F.2).
     loss_s = student_gradient(teacher, student, batch, opts, update.student_logits)
     student_optimizer.step()
-    logs = update.logs
-    return {"teacher_loss": logs["teacher_loss"], "student_loss": loss_s,
-            "feedback_loss": logs["feedback_loss"], "w": logs["w"],
-            "influence_aux_ratio": logs["influence_aux_ratio"]}
+    return {"student_loss": loss_s, **update.logs}
 
 
-class LookAhead(NamedTuple):
+class LookAheadInfluence(NamedTuple):
     """Lines 2-7 of Algorithm 1 on one batch (lookahead_influence)."""
 
     student_lr: float  # ηs
@@ -619,12 +648,12 @@ def lookahead_influence(teacher, student, student_optimizer, batch, feedback_bat
     batches = micro_batches(batch, "batch")
     if len(batches) > 1:
         raise ValueError("lookahead_influence takes one whole batch, not micro-batches")
-    lookahead = student_lookahead(teacher, student, student_optimizer, batches, opts)
+    lookahead = lookahead_step(teacher, student, student_optimizer, batches, opts)
     v, feedback_loss = feedback_gradient(student, lookahead.theta_next, feedback_batch)
     w = influence(teacher, student, lookahead, v, batches, 0, opts)
-    return LookAhead(lookahead.student_lr, lookahead.teacher_targets[0],
-                     lookahead.student_logits[0], lookahead.student_loss,
-                     lookahead.student_grads, w, feedback_loss)
+    return LookAheadInfluence(lookahead.student_lr, lookahead.teacher_targets[0],
+                              lookahead.student_logits[0], lookahead.student_loss,
+                              lookahead.student_grads, w, feedback_loss)
 
 
 # == 2. The paper's comparison methods (its figure 1), with lgtm_step's signature ============
@@ -644,21 +673,18 @@ def online_teacher_gradient(teacher, student, batch, opts=Options()):
     logits with dropout; steps no optimizer. Returns L_aux, and the student's logits with their
     graph if the batch came whole (for student_gradient)."""
     batches = micro_batches(batch, "batch")
+    check_autocast(teacher)
     params = list(trainable(teacher).values())
     keep_graph = len(batches) == 1
-    grads = None
-    losses = []
-    for batch, weight in zip(batches, row_weights(batches)):
+    total = BatchGradient(params, batches)
+    for batch, share in zip(batches, row_weights(batches)):
         inputs = model_inputs(batch)
-        teacher_logits = forward(teacher, inputs, True)
+        teacher_logits = forward(teacher, inputs, dropout=True)
         with torch.set_grad_enabled(keep_graph):  # micro-batches: values only, as L_aux needs
-            student_logits = forward(student, inputs, True)
-        loss = weight * teacher_aux_loss(teacher_logits, student_logits, batch["labels"], opts)
-        grads = accumulate(grads, torch.autograd.grad(loss, params, allow_unused=True))
-        losses.append(loss.detach())
-    *grads, loss = global_mean(grads + [torch.stack(losses).sum()], rows_of(batches))
-    for p, g in zip(params, grads):
-        p.grad = g
+            student_logits = forward(student, inputs, dropout=True)
+        total.add(share * teacher_aux_loss(teacher_logits, student_logits, batch["labels"], opts))
+    grads, loss = total.mean()
+    set_grad(params, grads)
     if not keep_graph:
         student_logits = None
     return loss, student_logits
@@ -677,29 +703,15 @@ def online_step(teacher, student, teacher_optimizer, student_optimizer, batch,
 
 def meta_gradients(teacher, student, student_optimizer, batch, feedback_batch, opts=Options()):
     """Meta distillation's gradients (MetaDistil, eq. 6-7), no optimizer stepped: the teacher's
-    .grad is that of the influence objective alone (not clipped), the student's .grad is the
-    look-ahead's gradient, which distils from the teacher as it was before this step."""
+    .grad is that of the influence objective alone (not clipped: the clip must see the whole
+    gradient), the student's .grad is the look-ahead's gradient, which distils from the teacher
+    as it was before this step."""
     batches = micro_batches(batch, "batch")
-    check_precision(student)
-    lookahead = student_lookahead(teacher, student, student_optimizer, batches, opts)
-    v, feedback_loss = feedback_gradient(student, lookahead.theta_next, feedback_batch)
-    params = list(trainable(teacher).values())
-    grads = None
-    losses = []
-    ws = []
-    for index, weight in enumerate(row_weights(batches)):
-        w = influence(teacher, student, lookahead, v, batches, index, opts)
-        loss = weight * influence_objective(w, lookahead.student_lr, opts.student_alpha)  # eq. 7
-        grads = accumulate(grads, torch.autograd.grad(loss, params, allow_unused=True))
-        losses.append(loss.detach())
-        ws.append(w.detach())
-    *grads, loss = global_mean(grads + [torch.stack(losses).sum()], rows_of(batches))
-    for p, g in zip(params, grads):  # not clipped yet: the clip must see the whole gradient
-        p.grad = g
-    for p, g in zip(trainable(student).values(), lookahead.student_grads):  # eq. 6
-        p.grad = g
-    return {"teacher_loss": loss, "student_loss": lookahead.student_loss,
-            "feedback_loss": feedback_loss, "w": torch.cat(ws)}
+    term = influence_gradient(teacher, student, student_optimizer, batches, feedback_batch, opts)
+    set_grad(trainable(teacher).values(), term.grads)  # eq. 7
+    set_grad(trainable(student).values(), term.lookahead.student_grads)  # eq. 6
+    return {"teacher_loss": term.objective, "student_loss": term.lookahead.student_loss,
+            "feedback_loss": term.feedback_loss, "w": term.w}
 
 
 def meta_step(teacher, student, teacher_optimizer, student_optimizer, batch, feedback_batch,
@@ -1067,7 +1079,8 @@ def compile_models(*models):
 @torch.no_grad()
 def predict(model, loader, device):
     """The model's logits (fp32, on the CPU) for every batch of the loader, without dropout."""
-    logits = [forward(model, model_inputs(to_device(b, device)), False).cpu() for b in loader]
+    logits = [forward(model, model_inputs(to_device(b, device)), dropout=False).cpu()
+              for b in loader]
     return torch.cat(logits)
 
 
@@ -1146,19 +1159,24 @@ def world_size():
     return 1
 
 
+def row_parts(batch, parts):
+    """The batch's rows in (at most) `parts` parts of consecutive rows, none of them empty; the
+    first parts one row longer where the rows do not divide evenly."""
+    pieces = torch.tensor_split(torch.arange(len(batch["labels"])), parts)
+    return [{key: value[rows] for key, value in batch.items()} for rows in pieces if len(rows)]
+
+
 def shard(batch):
-    """This process's rows of a batch that every process holds whole: consecutive rows, the
-    first processes one more where they do not divide evenly."""
-    rows = torch.tensor_split(torch.arange(len(batch["labels"])), world_size())[process_rank()]
-    return {key: value[rows] for key, value in batch.items()}
+    """This process's rows of a batch that every process holds whole (there are at least as
+    many rows as processes: too_few_to_share)."""
+    return row_parts(batch, world_size())[process_rank()]
 
 
 def split_rows(batch, parts):
-    """The batch as (at most) `parts` micro-batches of consecutive rows, none of them empty."""
+    """The batch as micro-batches, or the batch itself for one part."""
     if parts == 1:
         return batch
-    pieces = torch.tensor_split(torch.arange(len(batch["labels"])), parts)
-    return [{key: value[rows] for key, value in batch.items()} for rows in pieces if len(rows)]
+    return row_parts(batch, parts)
 
 
 def average_gradients(model, rows):
@@ -1214,8 +1232,8 @@ class Run:
             tqdm.write(message)
 
     def log(self, pending):
-        """Writes the steps finished since the last call (one wait for the device); a loss that
-        is not finite stops the run."""
+        """Writes the steps finished since the last call to train_log.jsonl, read from the
+        device in one wait, and returns them; a loss that is not finite stops the run."""
         records = []
         for step, lr, rows, out in pending:
             record = {"step": step, "lr_student": lr, "row": rows.tolist()}
@@ -1225,12 +1243,7 @@ class Run:
         if self.writes:
             self.log_file.writelines(json.dumps(record) + "\n" for record in records)
             self.log_file.flush()
-        for record in records:
-            for key, value in record.items():
-                if "loss" in key and not math.isfinite(value):
-                    raise UserError(f"stopped: the {key.replace('_', ' ')} is {value} at step "
-                                    f"{record['step']}; is a learning rate too high? "
-                                    f"(--student-lr, --teacher-lr, --finetune-lr)")
+        check_finite(records)
         return records
 
     def save(self, status=None):
@@ -1264,6 +1277,15 @@ class Run:
             self.log_file.close()
 
 
+def check_finite(records):
+    for record in records:
+        for key, value in record.items():
+            if "loss" in key and not math.isfinite(value):
+                raise UserError(f"stopped: the {key.replace('_', ' ')} is {value} at step "
+                                f"{record['step']}; is a learning rate too high? "
+                                f"(--student-lr, --teacher-lr, --finetune-lr)")
+
+
 def fmt(metrics):
     return " ".join(f"{name}={value:.4f}" for name, value in metrics.items())
 
@@ -1289,12 +1311,14 @@ def finetune_teacher(teacher, data, args, run):
     optimizer, scheduler = make_optimizer(teacher, args.finetune_lr, total)
     batches = forever(data.train)
     for _ in tqdm(range(total), "stage 1: teacher", disable=process_rank() > 0):
-        batch = to_device(shard(next(batches)), args.device)
-        with mixed_precision(args):
-            logits = forward(teacher, model_inputs(batch), True)
-            loss = ground_truth_loss(logits, batch["labels"]).mean()
+        batch = to_device(shard(next(batches)), args.device)  # this process's share
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        parts = row_parts(batch, args.gradient_accumulation_steps)
+        for part, share in zip(parts, row_weights(parts)):
+            with mixed_precision(args):
+                logits = forward(teacher, model_inputs(part), dropout=True)
+                loss = share * ground_truth_loss(logits, part["labels"]).mean()
+            loss.backward()
         average_gradients(teacher, len(batch["labels"]))
         optimizer.step()
         scheduler.step()
@@ -1397,7 +1421,7 @@ def probe_influence(teacher, student, student_optimizer, probe, opts, device):
         lookahead = lookahead_influence(teacher, student, student_optimizer, batch,
                                         feedback_batch, opts)
     with torch.no_grad():
-        student_logits = forward(student, model_inputs(batch), False)
+        student_logits = forward(student, model_inputs(batch), dropout=False)
     labels = batch["labels"]
     return {"w": lookahead.w.tolist(),
             "teacher_p_gold": gold_probability(lookahead.teacher_targets.detach(), labels),
@@ -1628,7 +1652,8 @@ def interrupt_cause(interrupt):
 
 
 def report(message):
-    """An error line on stderr; under torchrun from rank 0 alone, as all processes meet it."""
+    """An error line on stderr; under torchrun from rank 0 alone (a failed start reaches every
+    process with the same message: together)."""
     if process_rank() == 0:
         print(message, file=sys.stderr)
 
@@ -1656,6 +1681,11 @@ def run_experiment(args):
     --output-dir goes, so that a failed start loses nothing; under torchrun, a failed start on
     any process ends all of them."""
     teacher, student, data, tokenizer, model_lines = together(load, args)
+    if world_size() > 1:  # no collective may run inside together's steps
+        same_weights_everywhere(teacher, student)
+        torch.manual_seed(args.seed + process_rank())  # dropout differs from process to process
+    if args.compile:
+        compile_models(teacher, student)
     run = together(start_run, args, tokenizer)
     try:
         describe_run(run, args, data, *model_lines)
@@ -1676,7 +1706,8 @@ def run_experiment(args):
 
 def together(step, *args):
     """step(*args) on every process; if it fails on any, it fails on all with the first
-    failure's message, so that none waits for the others in vain. In a plain run: step(*args)."""
+    failure's message, so that none waits for the others in vain. step must run no collective
+    (one process may fail before it). In a plain run: step(*args)."""
     if world_size() == 1:
         return step(*args)
     result = None
@@ -1714,11 +1745,6 @@ def load(args):
     data = make_data(args, task, splits, tokenizer)
     teacher = teacher.to(args.device)
     student = student.to(args.device)
-    if world_size() > 1:
-        same_weights_everywhere(teacher, student)
-        torch.manual_seed(args.seed + process_rank())  # dropout differs from process to process
-    if args.compile:
-        compile_models(teacher, student)
     return teacher, student, data, tokenizer, (teacher_line, student_line)
 
 
@@ -1846,16 +1872,19 @@ def start_run(args, tokenizer):
     """Now that everything has loaded, the old run in --output-dir goes and the new one begins."""
     out = args.output_dir
     try:
-        for path in (out / name for name in RUN_FILES):
-            if process_rank() > 0:
-                break
-            if path.is_dir():
-                shutil.rmtree(path)
-            else:
-                path.unlink(missing_ok=True)
+        if process_rank() == 0:
+            clear_old_run(out)
         return Run(args, tokenizer)
     except OSError as e:
         raise UserError(f"--output-dir {out} cannot be written ({one_line(e)})") from None
+
+
+def clear_old_run(out):
+    for path in (out / name for name in RUN_FILES):
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
 
 
 def describe_run(run, args, data, teacher_line, student_line):

