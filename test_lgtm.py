@@ -1592,7 +1592,7 @@ CHARACTERS = "abcdefghijklmnopqrstuvwxyz0123456789"
 VOCAB = SPECIAL_TOKENS + list(CHARACTERS + ".,'\"-()%$") + ["##" + c for c in CHARACTERS]
 
 
-def save_tiny_model(path, vocab=VOCAB, layers=2):
+def save_tiny_model(path, vocab=VOCAB, layers=2, num_labels=2):
     """A tiny BERT classifier with dropout 0.1 (BERT's default) and its tokenizer."""
     path.mkdir(parents=True)
     ids = {token: i for i, token in enumerate(vocab)}
@@ -1600,7 +1600,7 @@ def save_tiny_model(path, vocab=VOCAB, layers=2):
     torch.manual_seed(0)
     config = BertConfig(vocab_size=len(vocab), hidden_size=16, num_hidden_layers=layers,
                         num_attention_heads=2, intermediate_size=32, max_position_embeddings=64,
-                        num_labels=2)
+                        num_labels=num_labels)
     BertForSequenceClassification(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
@@ -1996,6 +1996,8 @@ RUN_CASES = [  # (make the extra flags, what the error line must name): data, mo
     (lambda tmp, m: bad_model(tmp, m, ["model.safetensors", "tokenizer.json",
                                        "tokenizer_config.json"]), "could not load --teacher"),
     (lambda tmp, m: ["--teacher", str(model_with_another_tokenizer(tmp))], "tokenizers"),
+    (lambda tmp, m: ["--teacher", str(save_tiny_model(tmp / "mnli-head", num_labels=3))],
+     "has a classification head of 3 labels and this task has 2"),
     (lambda tmp, m: ["--student-layers", "9"], "has only 3 layers"),
     (lambda tmp, m: ["--max-seq-length", "100000"], "--max-seq-length 100000"),
     (lambda tmp, m: ["--output-dir", str(m / "config.json")], "--output-dir"),
