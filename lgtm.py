@@ -1861,8 +1861,8 @@ def probe_batches(args, splits, tokenizer):
     rows = order[:args.probe_samples].sort().values.tolist()
     probe = train.select(rows)
     probe_loader = make_loader(probe, tokenizer, args.max_seq_length, len(probe))
-    feedback_loader = make_loader(splits["feedback"], tokenizer, args.max_seq_length,
-                                  args.batch_size)
+    first_rows = splits["feedback"].select(range(min(args.batch_size, len(splits["feedback"]))))
+    feedback_loader = make_loader(first_rows, tokenizer, args.max_seq_length, args.batch_size)
     batch = to_device(next(iter(probe_loader)), args.device)
     feedback_batch = to_device(next(iter(feedback_loader)), args.device)
     return batch, feedback_batch
@@ -1903,7 +1903,10 @@ def describe_run(run, args, data, teacher_line, student_line):
     if world_size() > 1:
         run.note(f"data parallel: {world_size()} processes ({dist.get_backend()}), each taking "
                  f"its share of every batch of {args.batch_size}")
-        for name, size in (("train", data.train_size), ("feedback", data.feedback_size)):
+        shared = [("train", data.train_size)]
+        if data.feedback is not None:  # meta and lgtm only
+            shared.append(("feedback", data.feedback_size))
+        for name, size in shared:
             if too_few_to_share(size % args.batch_size):
                 run.note(f"the last {size % args.batch_size} {name} examples of each epoch are "
                          f"left out: fewer than the {world_size()} processes")

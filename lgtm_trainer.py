@@ -110,7 +110,7 @@ class LGTMTrainer(Trainer):
         """Lines 2-8 over the global step's micro-batches, then the teacher's step."""
         feedback = [next(self.feedback_iterator()) for _ in self.step_batches]
         optimizer = getattr(self.optimizer, "optimizer", self.optimizer)  # the torch optimizer
-        if self.state.global_step == 0 and self.micro_step == 0:
+        if self.state.global_step == 0:
             same_teacher_everywhere(self.teacher)
         update = lgtm.teacher_gradient(self.teacher, student, optimizer, self.step_batches,
                                        feedback, self.lgtm_options)
