@@ -44,17 +44,19 @@ from torch.func import functional_call, jvp
 
 @dataclasses.dataclass(frozen=True)
 class Options:
-    """What the steps can be told. Each field is checked once, when the Options are made."""
+    """What the steps can be told. Each field is checked once, when the Options are made; its
+    comment names the methods that read it."""
 
-    alpha: float = 0.6  # the teacher's weight on its label loss in L_aux (eq. 11, table 7)
-    student_alpha: float = 0.0  # the student's weight on its label loss in L_s (eq. 1)
-    distill_loss: str = "ce"  # D: soft cross-entropy times T², or "mse" of the logits
-    temperature: float = 1.0  # T of the soft cross-entropy
-    influence: str = "fd"  # line 7: finite differences (eq. 10), or "exact" (forward mode)
-    fd_radius: float = 0.01  # r: the finite-difference step is ±eps v, with eps = r / ||v||
-    lookahead: str = "sgd"  # lines 3-4: an SGD step (Algorithm 1), or the real "adamw" step
-    influence_weight: float = 1.0  # lgtm: multiplies the influence term (1: the derivation)
-    teacher_max_grad_norm: float = 1.0  # meta: clip the teacher's gradient norm (0: never)
+    alpha: float = 0.6  # online, lgtm: the teacher's label weight in L_aux (eq. 11, table 7)
+    student_alpha: float = 0.0  # all: the student's label weight in L_s (eq. 1)
+    distill_loss: str = "ce"  # all: D, soft cross-entropy times T², or "mse" of the logits
+    temperature: float = 1.0  # all: T of the soft cross-entropy
+    influence: str = "fd"  # meta, lgtm: line 7 by finite differences (eq. 10), or "exact"
+    fd_radius: float = 0.01  # meta, lgtm: r, the finite-difference step ±eps v, eps = r / ||v||
+    lookahead: str = "sgd"  # meta, lgtm: lines 3-4 as an SGD step (Algorithm 1), or "adamw"
+    influence_weight: float = 1.0  # meta, lgtm: λ, times the influence term (1: the derivation)
+    teacher_max_grad_norm: float = 0.0  # online, meta, lgtm: clip the teacher's gradient to
+    # this norm before its step (0: never; MetaDistil clips meta's at 1, the CLI's default)
 
     def __post_init__(self):
         if not (is_real(self.alpha) and 0 <= self.alpha <= 1):
@@ -168,7 +170,10 @@ def model_inputs(batch):
 
 def forward(model, inputs, dropout, params=None):
     """The model's logits in fp32, with dropout or without, at its own parameters or at params
-    (name -> tensor). Every submodule's mode is restored afterwards."""
+    (name -> tensor). Every submodule's mode is restored afterwards. Each forward casts the
+    weights afresh: inside one autocast region torch reuses the low-precision copies it has
+    made, which an optimizer step in that region (the teacher's, before line 9) leaves stale."""
+    torch.clear_autocast_cache()
     with mode(model, dropout):
         if params is None:
             output = model(**inputs)
@@ -221,6 +226,27 @@ def full_precision(device):
         torch.set_float32_matmul_precision(previous)
 
 
+def check_pair(teacher, student):
+    """Both models must read the same token ids: embeddings of different sizes cannot."""
+    sizes = []
+    for model in (teacher, student):
+        embeddings = getattr(model, "get_input_embeddings", None)
+        if embeddings is not None and embeddings() is not None:
+            sizes.append(embeddings().num_embeddings)
+    if len(sizes) == 2 and sizes[0] != sizes[1]:
+        raise ValueError(f"the teacher's vocabulary has {sizes[0]} ids and the student's "
+                         f"{sizes[1]}: both models must read the same token ids (one "
+                         f"tokenizer)")
+
+
+def check_unscaled(optimizer):
+    """The steps' gradients are not scaled, so a GradScaler's step (accelerate's under fp16)
+    would fail after the other model had stepped: refused before."""
+    if getattr(optimizer, "scaler", None) is not None:
+        raise ValueError("the optimizer steps through a GradScaler (fp16 mixed precision), which "
+                         "the steps' unscaled gradients do not take: use bf16 or fp32")
+
+
 def check_autocast(model):
     """fp16 autocast would need a GradScaler, which gradients taken here do not take: refused."""
     device_type = next(model.parameters()).device.type
@@ -231,20 +257,54 @@ def check_autocast(model):
 
 
 def check_influence_precision(student):
-    """The influence passes need fp32 weights and a forward that full_precision can keep out of
-    autocast; a student that would defeat either is refused."""
+    """The influence passes need fp32 weights: bf16 or fp16 ones are refused (what the passes
+    really ran is checked as they run: Watch)."""
     check_autocast(student)
-    if "_original_forward" in vars(student):
-        raise ValueError("the student's forward is wrapped in autocast (accelerate's mixed "
-                         "precision does this, as under Hugging Face Trainer with bf16 or fp16), "
-                         "which would run the influence passes in low precision: step the model "
-                         "that accelerator.unwrap_model(student, keep_fp32_wrapper=False) gives, "
-                         "inside accelerator.autocast()")
     for name, p in trainable(student).items():
         if p.dtype not in (torch.float32, torch.float64):
             raise ValueError(f"the student's {name} is {p.dtype}: the finite differences need "
                              f"fp32 weights (a step of r/||v|| vanishes in {p.dtype}); keep fp32 "
                              f"weights and run the step under bf16 autocast instead")
+
+
+class Watch:
+    """Forward hooks on a model's modules while a block runs: `autocast` tells whether any ran
+    under autocast (a forward that turns it on itself: accelerate's mixed-precision wrapper, as
+    Trainer with bf16 makes, or an autocast decorator), `recomputed` whether any ran outside a
+    call of the model (recomputed in a backward pass: gradient checkpointing)."""
+
+    def __init__(self, model):
+        self.device_type = next(model.parameters()).device.type
+        self.autocast = False
+        self.recomputed = False
+        self.calls = 0  # calls of the model itself under way
+        self.handles = [model.register_forward_pre_hook(self.enter),
+                        model.register_forward_hook(self.leave)]
+        self.handles += [m.register_forward_pre_hook(self.ran) for m in model.modules()]
+
+    def enter(self, module, args):
+        self.calls += 1
+
+    def leave(self, module, args, output):
+        self.calls -= 1
+
+    def ran(self, module, args):
+        self.autocast = self.autocast or torch.is_autocast_enabled(self.device_type)
+        self.recomputed = self.recomputed or self.calls == 0
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exception):
+        for handle in self.handles:
+            handle.remove()
+
+
+AUTOCAST_INSIDE = ("the student's forward turns autocast on by itself, so the influence passes "
+                   "ran in low precision: accelerate's mixed precision wraps it so (as Trainer "
+                   "with bf16 does): step the model that accelerator.unwrap_model(student, "
+                   "keep_fp32_wrapper=False) gives, inside accelerator.autocast(); or take the "
+                   "autocast decorator off its forward and run the step inside torch.autocast")
 
 
 def trainable(model):
@@ -317,6 +377,7 @@ def set_grad(params, grads):
 def student_lr(optimizer, lookahead="sgd"):
     """ηs, the learning rate that all of the student's parameter groups must share, read as each
     step that looks ahead begins; for lookahead 'adamw', the optimizer must be a plain AdamW."""
+    check_unscaled(optimizer)
     lrs = sorted({float(group["lr"]) for group in optimizer.param_groups})
     if len(lrs) != 1:
         raise ValueError(f"the student's optimizer has groups with different learning rates "
@@ -422,13 +483,21 @@ def lookahead_step(teacher, student, student_optimizer, batches, opts):
 
 def feedback_gradient(student, params, feedback_batch):
     """v = ∇θs L_val(θs'; z^e) (lines 5-6) at params = θs', with dropout, and L_val itself. The
-    feedback batch may be given as micro-batches."""
+    feedback batch may be given as micro-batches. The student's buffers (a BatchNorm's running
+    statistics) are lent as copies: the held-out batch leaves no trace in them."""
     batches = micro_batches(feedback_batch, "feedback_batch")
     params = {name: p.detach().requires_grad_() for name, p in params.items()}
+    buffers = {name: b.clone() for name, b in student.named_buffers()}
     total = BatchGradient(list(params.values()), batches)
-    for batch, weight in zip(batches, row_weights(batches)):
-        logits = forward(student, model_inputs(batch), dropout=True, params=params)
-        total.add(weight * ground_truth_loss(logits, batch["labels"]).mean())  # L_val (eq. 5)
+    with Watch(student) as ran:
+        for batch, weight in zip(batches, row_weights(batches)):
+            logits = forward(student, model_inputs(batch), dropout=True,
+                             params={**buffers, **params})
+            total.add(weight * ground_truth_loss(logits, batch["labels"]).mean())  # L_val, eq. 5
+    if ran.recomputed:
+        raise ValueError("the student recomputes its forward in the backward pass (gradient "
+                         "checkpointing), which would take v at θs, not at the look-ahead θs': "
+                         "turn it off for the student (model.gradient_checkpointing_disable())")
     return total.mean()
 
 
@@ -444,9 +513,11 @@ def influence_fd(student, v, inputs, teacher_logits, sample_loss, radius=0.01):
     teacher_logits = upcast(teacher_logits)
     eps = radius / torch.nn.utils.get_total_norm(v).clamp_min(1e-30)  # v = 0: w = 0, not NaN
     step = [eps * d for d in v]
-    with full_precision(teacher_logits.device), torch.no_grad():
+    with full_precision(teacher_logits.device), torch.no_grad(), Watch(student) as ran:
         plus = forward(student, inputs, dropout=False, params=shifted(params, step, 1))
         minus = forward(student, inputs, dropout=False, params=shifted(params, step, -1))
+    if ran.autocast:
+        raise ValueError(AUTOCAST_INSIDE)
     difference = sample_loss(plus, teacher_logits) - sample_loss(minus, teacher_logits)
     return difference / (2 * eps)
 
@@ -467,7 +538,7 @@ def influence_exact(student, v, inputs, teacher_logits, sample_loss):
         return forward(student, inputs, dropout=False, params=p)
 
     try:
-        with full_precision(teacher_logits.device):
+        with full_precision(teacher_logits.device), Watch(student) as ran:
             s, ds = jvp(logits_at, (params,), (tangents,))
     except NotImplementedError as e:
         raise ValueError(f"influence 'exact' needs forward-mode AD (torch.func.jvp) through the "
@@ -475,6 +546,8 @@ def influence_exact(student, v, inputs, teacher_logits, sample_loss):
                          f"transformers model has it with eager attention: load it with "
                          f"attn_implementation='eager', or call "
                          f"model.set_attn_implementation('eager')") from e
+    if ran.autocast:
+        raise ValueError(AUTOCAST_INSIDE)
     s = s.detach().requires_grad_()
     losses = sample_loss(s, upcast(teacher_logits))
     (dD_ds,) = torch.autograd.grad(losses.sum(), s, create_graph=True)
@@ -523,10 +596,10 @@ class InfluenceGradient(NamedTuple):
     lookahead: LookAheadStep
 
 
-def influence_gradient(teacher, student, student_optimizer, batches, feedback_batch, opts,
-                       weight=1.0):
+def influence_gradient(teacher, student, student_optimizer, batches, feedback_batch, opts):
     """Lines 2-7 of Algorithm 1 and the gradient of the influence objective (meta's eq. 7, the
     second part of LGTM's eq. 11), one micro-batch at a time; nothing is updated."""
+    check_pair(teacher, student)
     check_influence_precision(student)
     # Lines 2-4: the look-ahead student step θs' = θs - ηs ∇θs L_s (eq. 1-2), as new tensors.
     lookahead = lookahead_step(teacher, student, student_optimizer, batches, opts)
@@ -537,7 +610,8 @@ def influence_gradient(teacher, student, student_optimizer, batches, feedback_ba
     for index, share in enumerate(row_weights(batches)):
         # Line 7: each training sample's distillation influence w_i = ∇θs D_i · v.
         w = influence(teacher, student, lookahead, v, batches, index, opts)
-        objective = influence_objective(w, lookahead.student_lr, opts.student_alpha, weight)
+        objective = influence_objective(w, lookahead.student_lr, opts.student_alpha,
+                                        opts.influence_weight)
         total.add(share * objective)
         ws.append(w.detach())
     grads, objective = total.mean()
@@ -563,8 +637,7 @@ def teacher_gradient(teacher, student, student_optimizer, batch, feedback_batch,
     (not for FSDP or any model split across devices)."""
     batches = micro_batches(batch, "batch")
     params = list(trainable(teacher).values())
-    term = influence_gradient(teacher, student, student_optimizer, batches, feedback_batch, opts,
-                              opts.influence_weight)
+    term = influence_gradient(teacher, student, student_optimizer, batches, feedback_batch, opts)
     # Line 8: L_aux (online's eq. 3, the teacher with dropout) beside the influence term (eq. 11,
     # sign corrected). Their gradients, kept apart, give the ratio logged.
     aux = BatchGradient(params, batches)
@@ -591,6 +664,7 @@ def student_gradient(teacher, student, batch, opts=Options(), student_logits=Non
     student's logits of the whole batch with their graph, to save a forward (lgtm_step passes
     line 2's); without them the student runs again, with dropout. Returns L_s."""
     batches = micro_batches(batch, "batch")
+    check_pair(teacher, student)
     check_autocast(student)
     if student_logits is not None and len(batches) > 1:
         raise ValueError("student_logits are those of one whole batch, not of micro-batches")
@@ -609,6 +683,12 @@ def student_gradient(teacher, student, batch, opts=Options(), student_logits=Non
     return loss
 
 
+def clip_teacher(teacher, opts):
+    """The teacher's gradient clipped to opts.teacher_max_grad_norm, where that is set."""
+    if opts.teacher_max_grad_norm > 0:
+        torch.nn.utils.clip_grad_norm_(teacher.parameters(), opts.teacher_max_grad_norm)
+
+
 def lgtm_step(teacher, student, teacher_optimizer, student_optimizer, batch, feedback_batch,
               opts=Options()):
     """One iteration of Algorithm 1 on the batches z^r and z^e: the teacher's update, then the
@@ -622,7 +702,9 @@ def lgtm_step(teacher, student, teacher_optimizer, student_optimizer, batch, fee
     clear it before any backward of your own. With influence 'fd' and the batch whole, a step
     costs 7 teacher and 10 student forward passes (a backward counts as two); given as
     micro-batches, 8 and 11. Under torchrun: as teacher_gradient says."""
+    check_unscaled(teacher_optimizer)
     update = teacher_gradient(teacher, student, student_optimizer, batch, feedback_batch, opts)
+    clip_teacher(teacher, opts)
     teacher_optimizer.step()
     # Line 9: the student distils (eq. 1-2) from the teacher just updated (appendix F.2).
     loss_s = student_gradient(teacher, student, batch, opts, update.student_logits)
@@ -663,6 +745,7 @@ def kd_step(teacher, student, teacher_optimizer, student_optimizer, batch, feedb
             opts=Options()):
     """Vanilla KD (eq. 1-2): the student distils from a frozen fine-tuned teacher without
     dropout. teacher_optimizer and feedback_batch are not used."""
+    check_unscaled(student_optimizer)
     loss_s = student_gradient(teacher, student, batch, opts)
     student_optimizer.step()
     return {"student_loss": loss_s}
@@ -673,6 +756,7 @@ def online_teacher_gradient(teacher, student, batch, opts=Options()):
     logits with dropout; steps no optimizer. Returns L_aux, and the student's logits with their
     graph if the batch came whole (for student_gradient)."""
     batches = micro_batches(batch, "batch")
+    check_pair(teacher, student)
     check_autocast(teacher)
     params = list(trainable(teacher).values())
     keep_graph = len(batches) == 1
@@ -694,7 +778,10 @@ def online_step(teacher, student, teacher_optimizer, student_optimizer, batch,
                 feedback_batch=None, opts=Options()):
     """Online distillation: the teacher learns L_aux (eq. 3); then the student learns from the
     teacher so updated (eq. 4). feedback_batch is not used."""
+    check_unscaled(teacher_optimizer)
+    check_unscaled(student_optimizer)
     teacher_loss, student_logits = online_teacher_gradient(teacher, student, batch, opts)
+    clip_teacher(teacher, opts)
     teacher_optimizer.step()
     loss_s = student_gradient(teacher, student, batch, opts, student_logits)  # eq. 4
     student_optimizer.step()
@@ -717,10 +804,11 @@ def meta_gradients(teacher, student, student_optimizer, batch, feedback_batch, o
 def meta_step(teacher, student, teacher_optimizer, student_optimizer, batch, feedback_batch,
               opts=Options()):
     """Meta distillation (MetaDistil, eq. 6-7): the fine-tuned teacher learns the influence
-    objective alone, its gradient clipped; the student takes the look-ahead's step."""
+    objective alone (its gradient clipped to opts.teacher_max_grad_norm: MetaDistil's 1); the
+    student takes the look-ahead's step."""
+    check_unscaled(teacher_optimizer)
     logs = meta_gradients(teacher, student, student_optimizer, batch, feedback_batch, opts)
-    if opts.teacher_max_grad_norm > 0:
-        torch.nn.utils.clip_grad_norm_(teacher.parameters(), opts.teacher_max_grad_norm)
+    clip_teacher(teacher, opts)
     teacher_optimizer.step()
     student_optimizer.step()
     return logs
@@ -1537,7 +1625,7 @@ def add_method_flags(group):
     group.add_argument("--fd-radius", type=POSITIVE, default=0.01,
                        help="r: the FD step is ±(r / |v|) v")
     group.add_argument("--influence-weight", type=NONNEGATIVE, default=1.0,
-                       help="lgtm: λ times the influence term")
+                       help="meta, lgtm: λ times the influence term")
     group.add_argument("--distill-loss", choices=("ce", "mse"), help="D (default: ce; stsb: mse)")
     group.add_argument("--temperature", type=POSITIVE, default=1.0,
                        help="T of the soft cross-entropy")
@@ -1552,8 +1640,9 @@ def add_optimisation_flags(group):
                        help="the student's learning rate")
     group.add_argument("--teacher-lr", type=POSITIVE, help="the teacher's learning rate in "
                        "stage 2 (default: meta 1e-5, as MetaDistil; the others 3e-5)")
-    group.add_argument("--teacher-max-grad-norm", type=NONNEGATIVE, default=1.0,
-                       help="meta: clip the teacher's gradient to this norm; 0: never")
+    group.add_argument("--teacher-max-grad-norm", type=NONNEGATIVE, help="online, meta, lgtm: "
+                       "clip the teacher's gradient to this norm; 0: never (default: meta 1, as "
+                       "MetaDistil; the others 0)")
     group.add_argument("--finetune-lr", type=POSITIVE, default=3e-5,
                        help="kd, meta: the teacher's learning rate in stage 1")
     group.add_argument("--batch-size", type=COUNT, default=32, help="training and feedback batch "
@@ -1595,10 +1684,10 @@ def check_flags(parser, args):
     if "LOCAL_RANK" in os.environ and args.device and args.device.startswith("cuda:"):
         parser.error("argument --device: under torchrun each process takes the GPU of its "
                      "LOCAL_RANK: pass --device cuda")
-    if args.influence_weight != 1 and args.method != "lgtm":
-        parser.error("argument --influence-weight: applies to --method lgtm only")
-    if args.teacher_max_grad_norm != 1 and args.method != "meta":
-        parser.error("argument --teacher-max-grad-norm: applies to --method meta only")
+    if args.influence_weight != 1 and args.method not in ("meta", "lgtm"):
+        parser.error("argument --influence-weight: applies to --method meta and lgtm only")
+    if args.teacher_max_grad_norm is not None and args.method == "kd":
+        parser.error("argument --teacher-max-grad-norm: the kd teacher is frozen in stage 2")
     if args.probe_samples and regression:
         parser.error("argument --probe-samples: needs classes")
     if args.distill_loss == "ce" and regression:
@@ -1616,6 +1705,8 @@ def resolve_defaults(args, gpus):
         args.distill_loss = "mse" if not TASKS[args.task].labels else "ce"
     if args.teacher_lr is None:
         args.teacher_lr = 1e-5 if args.method == "meta" else 3e-5  # meta: MetaDistil's recipe
+    if args.teacher_max_grad_norm is None:
+        args.teacher_max_grad_norm = 1.0 if args.method == "meta" else 0.0  # MetaDistil's
 
 
 def main(argv=None):

@@ -8,7 +8,8 @@
 
 Trainer stays in charge of the student: its optimizer and schedule, gradient accumulation,
 clipping (max_grad_norm), bf16, logging, evaluation and checkpoints. The teacher gets an AdamW of
-its own (teacher_learning_rate, the same schedule type as the student's). In each global step:
+its own (teacher_learning_rate) with the student's schedule (lr_scheduler_type, its kwargs and
+warm-up), and its gradient is clipped to the same max_grad_norm. In each global step:
 
 1. the step's micro-batches (gradient_accumulation_steps of them) and as many feedback
    micro-batches are taken together;
@@ -40,6 +41,10 @@ TEACHER_OPTIMIZER = "teacher_optimizer.pt"
 class LGTMTrainer(Trainer):
     def __init__(self, *args, teacher, feedback_dataset, lgtm_options=lgtm.Options(),
                  teacher_learning_rate=3e-5, **kwargs):
+        if lgtm_options.teacher_max_grad_norm:
+            raise ValueError("LGTMTrainer clips the teacher to TrainingArguments.max_grad_norm, "
+                             "as Trainer clips the student: leave "
+                             "Options.teacher_max_grad_norm at 0 and set max_grad_norm")
         super().__init__(*args, **kwargs)
         self.teacher = teacher.to(self.args.device)
         self.feedback_dataset = feedback_dataset
@@ -73,9 +78,9 @@ class LGTMTrainer(Trainer):
         scheduler = super().create_scheduler(num_training_steps, optimizer)
         if self.teacher_scheduler is None:
             warmup = self.args.get_warmup_steps(num_training_steps)
-            self.teacher_scheduler = get_scheduler(self.args.lr_scheduler_type,
-                                                   self.teacher_optimizer, warmup,
-                                                   num_training_steps)
+            self.teacher_scheduler = get_scheduler(
+                self.args.lr_scheduler_type, self.teacher_optimizer, warmup, num_training_steps,
+                scheduler_specific_kwargs=self.args.lr_scheduler_kwargs)
         return scheduler
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
@@ -114,6 +119,8 @@ class LGTMTrainer(Trainer):
             same_teacher_everywhere(self.teacher)
         update = lgtm.teacher_gradient(self.teacher, student, optimizer, self.step_batches,
                                        feedback, self.lgtm_options)
+        if self.args.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(self.teacher.parameters(), self.args.max_grad_norm)
         self.teacher_optimizer.step()
         self.teacher_scheduler.step()
         self.teacher_optimizer.zero_grad(set_to_none=True)

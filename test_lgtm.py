@@ -659,14 +659,23 @@ def test_meta_teacher_learns_only_from_the_student_and_student_uses_the_old_teac
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
 
 
-def test_meta_clips_the_teacher_gradient():
-    teacher, student, t_opt, s_opt = make_pair()
-    batch = random_batch(3)
-    feedback = random_batch(4, size=5)
-    opts = lgtm.Options(influence="exact", teacher_max_grad_norm=1e-9)
-    lgtm.meta_step(teacher, student, t_opt, s_opt, batch, feedback, opts)
-    norm = float(flat(grads_of(teacher)).norm())
-    assert norm == pytest.approx(1e-9, rel=1e-6)
+@pytest.mark.parametrize("method", ["online", "meta", "lgtm"])
+def test_the_teacher_steps_with_its_gradient_clipped(method):
+    """Through the update it makes: with SGD at lr 1 the teacher moves by minus its gradient, so
+    a clip moved after the step, or never made, moves it by the unclipped gradient."""
+    moves = {}
+    for max_norm in (0.0, 1e-3):
+        teacher, student, _, s_opt = make_pair()
+        t_opt = torch.optim.SGD(teacher.parameters(), lr=1.0)
+        before = flat_parameters(teacher)
+        opts = lgtm.Options(influence="exact", teacher_max_grad_norm=max_norm)
+        lgtm.STEPS[method](teacher, student, t_opt, s_opt, random_batch(3), random_batch(4),
+                           opts)
+        moves[max_norm] = before - flat_parameters(teacher)
+    unclipped = moves[0.0]
+    assert float(unclipped.norm()) > 1e-2
+    expected = unclipped * (1e-3 / (unclipped.norm() + 1e-6))  # clip_grad_norm_'s formula
+    torch.testing.assert_close(moves[1e-3], expected, rtol=1e-6, atol=1e-12)
 
 
 def test_bad_options_and_optimizers_raise_value_error_naming_them():
@@ -970,23 +979,49 @@ def test_every_submodules_mode_is_restored(method):
     assert module_modes(teacher, student) == modes
 
 
-def test_precision_that_would_break_the_influence_passes_is_refused_before_any_update():
-    """accelerate's bf16 wrapper on the student's forward (Trainer's bf16) would turn autocast
-    back on inside the fp32 passes; bf16 weights would round the finite-difference step away;
-    fp16 autocast would need a GradScaler. All three are refused."""
+class AutocastInside(torch.nn.Module):
+    """A user's wrapper that turns bf16 autocast on inside its forward."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, **inputs):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return self.model(**inputs)
+
+
+def students_that_run_in_bf16(student):
+    """The three ways a student's forward can turn autocast on by itself."""
     from accelerate import Accelerator
+    accelerator = Accelerator(mixed_precision="bf16", cpu=True)
+    wrapped = accelerator.prepare(copy.deepcopy(student))
+    decorated = copy.deepcopy(student)
+    decorated.forward = torch.autocast("cpu", dtype=torch.bfloat16)(decorated.forward)
+    return {"accelerate": wrapped, "decorated": decorated,
+            "wrapper": AutocastInside(copy.deepcopy(student))}
+
+
+def test_precision_that_would_break_the_influence_passes_is_refused_before_any_update():
+    """A forward that turns autocast on by itself (accelerate's bf16 wrapper, as Trainer makes
+    it; a decorator; a wrapper module) would run the fp32 passes in bf16; bf16 weights would round
+    the finite-difference step away; fp16 autocast, or a GradScaler'd optimizer, would need
+    scaled gradients. Each is refused, in each path, before any update."""
+    from accelerate.optimizer import AcceleratedOptimizer
     teacher, student, teacher_optimizer, student_optimizer = make_pair()
     teacher = teacher.float()
     student = student.float()
-    accelerator = Accelerator(mixed_precision="bf16", cpu=True)
-    wrapped = accelerator.prepare(copy.deepcopy(student))
     before = flat_parameters(teacher, student)
     batch = random_batch(1)
     feedback = random_batch(2)
     for method in ("lgtm", "meta"):
         step = lgtm.STEPS[method]
-        with pytest.raises(ValueError, match="keep_fp32_wrapper=False"):
-            step(teacher, wrapped, teacher_optimizer, student_optimizer, batch, feedback, OPTS)
+        for influence in ("fd", "exact"):
+            opts = lgtm.Options(influence=influence)
+            for name, low in students_that_run_in_bf16(student).items():
+                with pytest.raises(ValueError, match="keep_fp32_wrapper=False"):
+                    step(teacher, low, teacher_optimizer, student_optimizer, batch, feedback,
+                         opts)
         with torch.autocast("cpu", dtype=torch.float16):
             with pytest.raises(ValueError, match="fp16 autocast needs a GradScaler"):
                 step(teacher, student, teacher_optimizer, student_optimizer, batch, feedback,
@@ -994,14 +1029,129 @@ def test_precision_that_would_break_the_influence_passes_is_refused_before_any_u
         low = copy.deepcopy(student).to(torch.bfloat16)
         with pytest.raises(ValueError, match="need fp32 weights"):
             step(teacher, low, teacher_optimizer, student_optimizer, batch, feedback, OPTS)
-    for method in ("kd", "online"):  # their gradients cannot take a GradScaler either
+    scaled = AcceleratedOptimizer(student_optimizer, device_placement=False,
+                                  scaler=torch.amp.GradScaler("cpu"))
+    for method in ("kd", "online", "meta", "lgtm"):
+        step = lgtm.STEPS[method]
         with torch.autocast("cpu", dtype=torch.float16):
             with pytest.raises(ValueError, match="fp16 autocast needs a GradScaler"):
-                lgtm.STEPS[method](teacher, student, teacher_optimizer, student_optimizer,
-                                   batch, feedback, OPTS)
+                step(teacher, student, teacher_optimizer, student_optimizer, batch, feedback,
+                     OPTS)
+        with pytest.raises(ValueError, match="GradScaler"):
+            step(teacher, student, teacher_optimizer, scaled, batch, feedback, OPTS)
     assert torch.equal(flat_parameters(teacher, student), before)
     assert optimizer_steps(teacher_optimizer) == 0
     assert optimizer_steps(student_optimizer) == 0
+
+
+def fresh_forward_differences(monkeypatch):
+    """Spies on lgtm.forward: each forward of a model at its own weights without dropout is
+    compared with the same forward of a fresh copy of the model (new tensors, which no autocast
+    cache can hold), in the same autocast region. Returns the list of differences."""
+    real_forward = lgtm.forward
+    differences = []
+
+    def forward(model, inputs, dropout, params=None):
+        out = real_forward(model, inputs, dropout, params)
+        if params is None and not dropout:
+            fresh = copy.deepcopy(model).eval()
+            with torch.no_grad():
+                expected = fresh(**inputs).logits.float()
+            differences.append(float((out - expected).abs().max()))
+        return out
+
+    monkeypatch.setattr(lgtm, "forward", forward)
+    return differences
+
+
+@pytest.mark.parametrize("method", ["online", "lgtm"])
+def test_under_bf16_autocast_the_student_distils_from_the_teacher_just_updated(method,
+                                                                               monkeypatch):
+    """Inside one autocast region torch keeps the bf16 copies of the weights it has cast. The
+    teacher steps before line 9 (and online's eq. 4), so line 9 must not reuse the old copies: at
+    teacher lr 1 (SGD) every teacher forward equals a fresh copy's, in bf16 as in float32."""
+    differences = fresh_forward_differences(monkeypatch)
+    teacher, student, _, student_optimizer = make_pair()
+    teacher = teacher.float()
+    student = student.float()
+    teacher_optimizer = torch.optim.SGD(teacher.parameters(), lr=1.0)
+    before = flat_parameters(teacher)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        for seed in range(2):
+            lgtm.STEPS[method](teacher, student, teacher_optimizer, student_optimizer,
+                               random_batch(seed), random_batch(10 + seed), OPTS)
+    assert float((flat_parameters(teacher) - before).norm()) > 1e-2  # the teacher moved
+    assert len(differences) >= 2
+    assert max(differences) == 0
+
+
+def test_gradient_checkpointing_is_refused_on_the_student_and_harmless_on_the_teacher():
+    """Checkpointing recomputes a forward in the backward pass at the model's own weights: for
+    the student's v that is θs, not the look-ahead θs', so it is refused before any update. On
+    the teacher it changes nothing (float64)."""
+    batch = random_batch(1)
+    feedback = random_batch(2)
+    for method in ("meta", "lgtm"):
+        teacher, student, teacher_optimizer, student_optimizer = make_pair()
+        student.gradient_checkpointing_enable()
+        before = flat_parameters(teacher, student)
+        with pytest.raises(ValueError, match="gradient checkpointing"):
+            lgtm.STEPS[method](teacher, student, teacher_optimizer, student_optimizer, batch,
+                               feedback, OPTS)
+        assert torch.equal(flat_parameters(teacher, student), before)
+    after = []
+    for checkpointing in (False, True):
+        teacher, student, teacher_optimizer, student_optimizer = make_pair()
+        if checkpointing:
+            teacher.gradient_checkpointing_enable()
+        lgtm.lgtm_step(teacher, student, teacher_optimizer, student_optimizer, batch, feedback,
+                       OPTS)
+        after.append(flat_parameters(teacher, student))
+    torch.testing.assert_close(after[1], after[0], rtol=1e-12, atol=1e-14)
+
+
+def test_models_of_different_vocabularies_are_refused_before_any_update():
+    teacher, student, teacher_optimizer, student_optimizer = make_pair()
+    student.resize_token_embeddings(80)
+    before = flat_parameters(teacher, student)
+    for method in lgtm.STEPS:
+        with pytest.raises(ValueError, match="the teacher's vocabulary has 60 ids and the "
+                                             "student's 80"):
+            lgtm.STEPS[method](teacher, student, teacher_optimizer, student_optimizer,
+                               random_batch(1), random_batch(2), OPTS)
+    assert torch.equal(flat_parameters(teacher, student), before)
+
+
+class BatchNormClassifier(torch.nn.Module):
+    """Mean-pooled embeddings, a BatchNorm and a linear head: a student with running stats."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(3)
+        self.embeddings = torch.nn.Embedding(60, 8)
+        self.norm = torch.nn.BatchNorm1d(8)
+        self.head = torch.nn.Linear(8, NUM_LABELS)
+
+    def forward(self, input_ids, attention_mask, token_type_ids=None):
+        mask = attention_mask.unsqueeze(-1).to(self.embeddings.weight.dtype)
+        pooled = (self.embeddings(input_ids) * mask).sum(1) / mask.sum(1)
+        return self.head(self.norm(pooled))
+
+
+def test_the_feedback_batch_leaves_no_trace_in_the_students_running_statistics():
+    """The student's running statistics see the training batch once, in its real forward (line
+    2, reused by line 9), as a plain forward of a copy shows; never the feedback batch."""
+    teacher, _, teacher_optimizer, _ = make_pair()
+    teacher = teacher.float()
+    student = BatchNormClassifier()
+    reference = copy.deepcopy(student).train()
+    student_optimizer = torch.optim.AdamW(student.parameters(), 1e-2)
+    batch = random_batch(1)
+    lgtm.lgtm_step(teacher, student, teacher_optimizer, student_optimizer, batch,
+                   random_batch(2), OPTS)
+    reference(batch["input_ids"], batch["attention_mask"])
+    for a, b in zip(student.buffers(), reference.buffers()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 def test_the_errors_of_a_wrapped_optimizer_and_of_the_exact_path_give_the_real_fix():
@@ -1035,7 +1185,8 @@ def glue_like_dataset(tokenizer, rows, seed=0):
     return datasets.Dataset.from_dict({**encoded, "label": list(rte["label"])})
 
 
-def make_trainer(model_dir, out, student=None, **arguments):
+def make_trainer(model_dir, out, student=None,
+                 lgtm_options=lgtm.Options(student_alpha=0.5), **arguments):
     import transformers
 
     from lgtm_trainer import LGTMTrainer
@@ -1059,7 +1210,7 @@ def make_trainer(model_dir, out, student=None, **arguments):
     collator = transformers.DataCollatorWithPadding(tokenizer)
     return LGTMTrainer(model=student, teacher=teacher, teacher_learning_rate=1e-3,
                        feedback_dataset=feedback, args=args, train_dataset=train,
-                       data_collator=collator, lgtm_options=lgtm.Options(student_alpha=0.5))
+                       data_collator=collator, lgtm_options=lgtm_options)
 
 
 def test_trainer_updates_each_model_once_a_step_with_fp32_influence_passes_under_bf16(
@@ -1104,6 +1255,57 @@ def test_trainer_updates_each_model_once_a_step_with_fp32_influence_passes_under
     saved, _ = lgtm.load_model(str(checkpoint / "teacher"), "--teacher", 2)
     for a, b in zip(saved.parameters(), trainer.teacher.parameters()):
         torch.testing.assert_close(a, b.cpu(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_trainer_under_bf16_distils_from_the_teacher_just_updated(accumulation, model_dir,
+                                                                    tmp_path, monkeypatch):
+    """Trainer runs each micro-batch inside accelerate's autocast, and the teacher steps inside
+    it before the first: every teacher forward equals a fresh copy's at teacher lr 0.1."""
+    differences = fresh_forward_differences(monkeypatch)
+    trainer = make_trainer(model_dir, tmp_path / "out", bf16=True, max_steps=2,
+                           gradient_accumulation_steps=accumulation)
+    trainer.teacher_learning_rate = 0.1
+    trainer.train()
+    assert len(differences) >= 2 * accumulation
+    assert max(differences) == 0
+
+
+def test_trainer_gives_the_teacher_the_students_schedule_and_clipping(model_dir, tmp_path):
+    """lr_scheduler_kwargs reach the teacher's schedule (two cosine cycles, a floor), and the
+    teacher's gradient is clipped to max_grad_norm when its optimizer steps."""
+    kinds = {"cosine_with_restarts": {"num_cycles": 2},
+             "cosine_with_min_lr": {"min_lr": 1e-5}}
+    for kind, kwargs in kinds.items():
+        trainer = make_trainer(model_dir, tmp_path / kind, lr_scheduler_type=kind,
+                               lr_scheduler_kwargs=kwargs, warmup_steps=2)
+        trainer.create_optimizer_and_scheduler(num_training_steps=20)
+        student_rates = []
+        teacher_rates = []
+        for _ in range(20):
+            student_rates.append(trainer.lr_scheduler.get_last_lr()[0] / 1e-3)
+            teacher_rates.append(trainer.teacher_scheduler.get_last_lr()[0] / 1e-3)
+            trainer.lr_scheduler.step()
+            trainer.teacher_scheduler.step()
+        assert teacher_rates == pytest.approx(student_rates, rel=1e-12)
+    assert min(teacher_rates[2:]) > 1e-2  # the floor, 1e-5 / 1e-3 (without it: 0.0076)
+    trainer = make_trainer(model_dir, tmp_path / "clip", max_steps=2, max_grad_norm=1e-4)
+    norms = []
+    trainer.create_optimizer_and_scheduler(num_training_steps=2)
+    real_step = trainer.teacher_optimizer.step
+
+    def step(*args, **kwargs):
+        grads = [p.grad for p in trainer.teacher.parameters() if p.grad is not None]
+        norms.append(float(torch.nn.utils.get_total_norm(grads)))
+        return real_step(*args, **kwargs)
+
+    trainer.teacher_optimizer.step = step
+    trainer.train()
+    assert len(norms) == 2
+    assert norms == pytest.approx([1e-4, 1e-4], rel=1e-2)
+    with pytest.raises(ValueError, match="max_grad_norm"):
+        make_trainer(model_dir, tmp_path / "both", lgtm_options=lgtm.Options(
+            teacher_max_grad_norm=1.0))
 
 
 def test_trainer_with_accumulation_makes_lgtm_steps_of_the_whole_batch(model_dir, tmp_path):
@@ -1462,6 +1664,18 @@ def test_the_readme_snippet_prints_what_the_readme_shows(tmp_path):
 
 
 @needs_minilm
+def test_the_readme_blocks_after_the_snippet_run_as_pasted(tmp_path):
+    """The halves, the bf16 recipe and the accelerate recipe, each pasted after the snippet, run
+    and print the lines they end with."""
+    snippet, halves, bf16, accelerate = readme_blocks("## Use it in your own trainer", "python")[:4]
+    run_readme_block(snippet + halves, tmp_path, tmp_path)
+    recipes = {"bf16: student_loss ": bf16, "accelerate: student_loss ": accelerate}
+    for printed, block in recipes.items():
+        done = run_readme_block(snippet + block, tmp_path, tmp_path)
+        assert done.stdout.splitlines()[-1].startswith(printed)
+
+
+@needs_minilm
 def test_the_readme_trainer_recipe_runs_and_logs_the_teacher(tmp_path):
     code, printed = readme_blocks("### Hugging Face Trainer", "(?:python)?")[:2]
     code = code.replace('"runs/trainer"', repr(str(tmp_path / "trainer")))
@@ -1721,6 +1935,18 @@ def test_cli_end_to_end(model_dir, tmp_path, capsys, method, extra):
     assert "student: first 2 of 3 layers of" in printed
 
 
+@pytest.mark.parametrize("method", ["online", "lgtm"])
+def test_cli_under_bf16_distils_from_the_teacher_just_updated(method, model_dir, tmp_path,
+                                                              monkeypatch):
+    """--precision bf16 runs each step in one autocast region, the teacher's update inside it:
+    every teacher forward (and each evaluation's) equals a fresh copy's at teacher lr 0.1."""
+    differences = fresh_forward_differences(monkeypatch)
+    lgtm.main(cli(model_dir, tmp_path / "run", "--precision", "bf16", "--teacher-lr", "0.1",
+                  method=method))
+    assert len(differences) >= 4
+    assert max(differences) == 0
+
+
 def saved_parameters(out):
     """The parameters of the run's saved teacher (final) and student (best), in one list."""
     parameters = []
@@ -1966,7 +2192,8 @@ PARSE_CASES = [  # (extra flags, what the error line must name): argument parsin
     (["--influence-weight", "nan"], "--influence-weight"),
     (["--influence-weight", "-1"], "--influence-weight"),
     (["--influence-weight", "2", "--method", "online"], "--influence-weight"),
-    (["--teacher-max-grad-norm", "0.5"], "--teacher-max-grad-norm"),
+    (["--teacher-max-grad-norm", "0.5", "--method", "kd"], "--teacher-max-grad-norm"),
+    (["--teacher-max-grad-norm", "-1"], "--teacher-max-grad-norm"),
     (["--precision", "tf32"], "--precision"),
     (["--precision", "fp16"], "--precision"),
     (["--task", "rtee"], "--task"),
