@@ -138,9 +138,9 @@ def influence_and_gradient(influence, teacher, student, batch, v, precision):
     the given precision (the influence passes themselves always run in strict fp32)."""
     torch.set_float32_matmul_precision(MATMUL[precision])
     with torch.autocast(batch["labels"].device.type, torch.bfloat16, enabled=precision == "bf16"):
-        t_logits = teacher(**lgtm.model_inputs(batch)).logits
+        t_logits = lgtm.forward(teacher, batch, dropout=False)
     fn = lgtm.influence_fd if influence == "fd" else lgtm.influence_exact
-    w = fn(student, v, lgtm.model_inputs(batch), t_logits, lgtm.distillation_loss)
+    w = fn(student, v, batch, t_logits, lgtm.distillation_loss)
     grads = torch.autograd.grad(lgtm.influence_objective(w, 5e-5), list(teacher.parameters()))
     torch.set_float32_matmul_precision("highest")
     return w.detach().double(), torch.cat([g.flatten().double() for g in grads])
@@ -153,12 +153,12 @@ def agreement(args, models, precision, batch_pairs):
     worst = [1.0] * 4
     for batch, feedback in batch_pairs:
         params = lgtm.trainable(student)  # v after an SGD look-ahead step, as in training
-        inputs = lgtm.model_inputs(batch)
-        teacher_logits = teacher(**inputs).logits.detach()
-        loss = lgtm.distillation_loss(student(**inputs).logits, teacher_logits).mean()
+        teacher_logits = lgtm.forward(teacher, batch, dropout=False).detach()
+        student_logits = lgtm.forward(student, batch, dropout=False)
+        loss = lgtm.distillation_loss(student_logits, teacher_logits).mean()
         grads = torch.autograd.grad(loss, list(params.values()))
-        theta_next = lgtm.lookahead_params(params, grads, None, 5e-5)
-        v, _ = lgtm.feedback_gradient(student, theta_next, feedback)
+        theta_next = lgtm.look_ahead(params, grads, None, 5e-5, "sgd")
+        v, _ = lgtm.feedback_gradient(student, theta_next, [feedback])
         w_fd, g_fd = influence_and_gradient("fd", teacher, student, batch, v, precision)
         w_exact, g_exact = influence_and_gradient("exact", teacher, student, batch, v, precision)
         w_ref, g_ref = influence_and_gradient("exact", teacher, student, batch, v, "fp32")

@@ -7,13 +7,13 @@ symbols, w_i = ∇θs D_i · v with v = ∇θs L_val(θs') (eq. 8), and the teac
 L_aux - ηs (1 - αs) mean(w) (eq. 11 with its sign corrected). w comes from two extra student
 forward passes by finite differences (eq. 10), or exactly from one forward-mode pass.
 
-The sections, in the order a reader needs them:
-    1. LGTM: Algorithm 1 as lgtm_step. Needs only torch, and can be copied out alone.
+    1. LGTM: Algorithm 1, lines 2-8 in teacher_gradient and line 9 in student_gradient. Needs
+       only torch, and can be copied out alone.
     2. The paper's comparison methods: vanilla KD, online distillation, meta distillation.
     3. GLUE data: from the Hub, or local TSV or parquet files.
     4. Models: Hub names or local folders.
     5. Evaluation and metrics.
-    6. The training loop and the run's folder.
+    6. Processes (torchrun) and the run: its folder, stage 1, stage 2.
     7. The command line: main() reads as the steps of a run.
 """
 import argparse
@@ -38,55 +38,59 @@ import torch.nn.functional as F
 from torch.func import functional_call, jvp
 
 # == 1. LGTM (Algorithm 1). The imports above and this section, copied, run in your trainer. ==
-# It needs torch 2.6 or newer and, of the imports above: contextlib, dataclasses, functools,
-# math, Mapping, NamedTuple, torch, torch.distributed, F, functional_call and jvp.
+# It needs torch 2.6 or newer and, of the imports above: contextlib, dataclasses, math, Mapping,
+# NamedTuple, torch, torch.distributed, F, functional_call and jvp.
+
+METHODS = ("kd", "online", "meta", "lgtm")
+
+
+def option(default, methods, allowed, meaning):
+    """A field of Options: its default, the methods that read it, what it allows (choices, or
+    "[0, 1]", "> 0", ">= 0") and its meaning. The command line makes each a flag."""
+    metadata = {"methods": methods, "allowed": allowed, "meaning": meaning}
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+def allows(allowed, value):
+    if isinstance(allowed, tuple):
+        return value in allowed
+    if type(value) not in (int, float) or not math.isfinite(value):
+        return False
+    if allowed == "[0, 1]":
+        return 0 <= value <= 1
+    if allowed == "> 0":
+        return value > 0
+    return value >= 0
 
 
 @dataclasses.dataclass(frozen=True)
 class Options:
-    """What the steps can be told. Each field is checked once, when the Options are made; its
-    comment names the methods that read it."""
+    """What the steps can be told, each field checked once, when the Options are made."""
 
-    alpha: float = 0.6  # online, lgtm: the teacher's label weight in L_aux (eq. 11, table 7)
-    student_alpha: float = 0.0  # all: the student's label weight in L_s (eq. 1)
-    distill_loss: str = "ce"  # all: D, soft cross-entropy times T², or "mse" of the logits
-    temperature: float = 1.0  # all: T of the soft cross-entropy
-    influence: str = "fd"  # meta, lgtm: line 7 by finite differences (eq. 10), or "exact"
-    fd_radius: float = 0.01  # meta, lgtm: r, the finite-difference step ±eps v, eps = r / ||v||
-    lookahead: str = "sgd"  # meta, lgtm: lines 3-4 as an SGD step (Algorithm 1), or "adamw"
-    influence_weight: float = 1.0  # meta, lgtm: λ, times the influence term (1: the derivation)
-    teacher_max_grad_norm: float = 0.0  # online, meta, lgtm: clip the teacher's gradient to
-    # this norm before its step (0: never; MetaDistil clips meta's at 1, the CLI's default)
+    alpha: float = option(0.6, ("online", "lgtm"), "[0, 1]",
+                          "the teacher's label weight in L_aux (eq. 3, 11)")
+    student_alpha: float = option(0.0, METHODS, "[0, 1]",
+                                  "the student's label weight in L_s (eq. 1)")
+    distill_loss: str = option("ce", METHODS, ("ce", "mse"),
+                               "D: the soft cross-entropy times T², or the mse of the logits")
+    temperature: float = option(1.0, METHODS, "> 0", "T of the soft cross-entropy")
+    influence: str = option("fd", ("meta", "lgtm"), ("fd", "exact"),
+                            "line 7: finite differences (eq. 10), or exact (forward mode)")
+    fd_radius: float = option(0.01, ("meta", "lgtm"), "> 0",
+                              "r: line 6's step is ±(r / ||v||) v")
+    lookahead: str = option("sgd", ("meta", "lgtm"), ("sgd", "adamw"),
+                            "line 4: an SGD step (Algorithm 1), or the student's AdamW step")
+    influence_weight: float = option(1.0, ("meta", "lgtm"), ">= 0",
+                                     "λ, the weight of the influence term (1: the derivation)")
+    teacher_max_grad_norm: float = option(0.0, ("online", "meta", "lgtm"), ">= 0",
+                                          "clip the teacher's gradient to this norm; 0: never")
 
     def __post_init__(self):
-        if not (is_real(self.alpha) and 0 <= self.alpha <= 1):
-            raise invalid_option("alpha", self.alpha, "a number in [0, 1]")
-        if not (is_real(self.student_alpha) and 0 <= self.student_alpha <= 1):
-            raise invalid_option("student_alpha", self.student_alpha, "a number in [0, 1]")
-        if self.distill_loss not in ("ce", "mse"):
-            raise invalid_option("distill_loss", self.distill_loss, "'ce' or 'mse'")
-        if not (is_real(self.temperature) and self.temperature > 0):
-            raise invalid_option("temperature", self.temperature, "a number > 0")
-        if self.influence not in ("fd", "exact"):
-            raise invalid_option("influence", self.influence, "'fd' or 'exact'")
-        if not (is_real(self.fd_radius) and self.fd_radius > 0):
-            raise invalid_option("fd_radius", self.fd_radius, "a number > 0")
-        if self.lookahead not in ("sgd", "adamw"):
-            raise invalid_option("lookahead", self.lookahead, "'sgd' or 'adamw'")
-        if not is_real(self.influence_weight):
-            raise invalid_option("influence_weight", self.influence_weight, "a finite number")
-        if not (is_real(self.teacher_max_grad_norm) and self.teacher_max_grad_norm >= 0):
-            raise invalid_option("teacher_max_grad_norm", self.teacher_max_grad_norm,
-                                 "a number >= 0")
-
-
-def is_real(x):
-    """A finite int or float: not a bool, a string or a tensor."""
-    return type(x) in (int, float) and math.isfinite(x)
-
-
-def invalid_option(name, value, expected):
-    return ValueError(f"invalid option {name}={value!r}: expected {expected}")
+        for field in dataclasses.fields(self):
+            allowed = field.metadata["allowed"]
+            value = getattr(self, field.name)
+            if not allows(allowed, value):
+                raise ValueError(f"invalid option {field.name}={value!r}: expected {allowed}")
 
 
 def ground_truth_loss(logits, labels):
@@ -98,13 +102,11 @@ def ground_truth_loss(logits, labels):
 
 def distillation_loss(pred_logits, target_logits, kind="ce", temperature=1.0):
     """D(target → pred) per sample: the soft cross-entropy against softmax(target / T), times T²,
-    or the mean squared error of the logits. Gradients flow into both arguments: through target,
-    the student's D(T → S) reaches the teacher."""
+    or the mse of the logits. Through target, the student's D(T → S) reaches the teacher."""
     if kind == "mse":
         return ((pred_logits - target_logits) ** 2).mean(-1)
     if pred_logits.shape[-1] == 1:
-        raise ValueError("distill_loss 'ce' needs class logits; for one output (regression) "
-                         "use 'mse'")
+        raise ValueError("distill_loss 'ce' needs class logits: for one output use 'mse'")
     target = F.softmax(target_logits / temperature, dim=-1)
     log_pred = F.log_softmax(pred_logits / temperature, dim=-1)
     return -(target * log_pred).sum(-1) * temperature ** 2
@@ -115,108 +117,256 @@ def student_loss(student_logits, teacher_logits, labels, opts):
     label_loss = ground_truth_loss(student_logits, labels)
     distill = distillation_loss(student_logits, teacher_logits.detach(), opts.distill_loss,
                                 opts.temperature)
-    a = opts.student_alpha
-    return (a * label_loss + (1 - a) * distill).mean()
+    return (opts.student_alpha * label_loss + (1 - opts.student_alpha) * distill).mean()
 
 
 def teacher_aux_loss(teacher_logits, student_logits, labels, opts):
-    """L_aux (eq. 11; all of the online teacher's loss, eq. 3): α L_ce(y, T) + (1 - α) D(S → T),
-    the student's logits as fixed targets."""
+    """L_aux (eq. 11; online's whole loss, eq. 3): α L_ce(y, T) + (1 - α) D(S → T), the
+    student's logits as fixed targets."""
     label_loss = ground_truth_loss(teacher_logits, labels)
     distill = distillation_loss(teacher_logits, student_logits.detach(), opts.distill_loss,
                                 opts.temperature)
-    a = opts.alpha
-    return (a * label_loss + (1 - a) * distill).mean()
+    return (opts.alpha * label_loss + (1 - opts.alpha) * distill).mean()
 
 
 MODEL_INPUTS = ("input_ids", "token_type_ids", "attention_mask")
 
 
 def micro_batches(batch, name):
-    """The batch as its list of micro-batches, each checked: [batch] if it is given whole (a
-    dict), or the micro-batches it is given as, which together make the step's batch."""
+    """A batch as its list of micro-batches ([batch] for a dict), each checked: a dict with
+    input_ids and labels, and at least one row."""
     if batch is None:
-        raise ValueError(f"{name} is None: give a batch, a dict of tensors with input_ids and "
-                         f"labels (meta and lgtm need a feedback batch z^e of held-out examples)")
-    if isinstance(batch, Mapping):
-        batches = [batch]
-    else:
+        raise ValueError(f"{name} is None: meta and lgtm need a feedback batch z^e of held-out "
+                         f"examples, a dict like the training batch")
+    batches = [batch]
+    if not isinstance(batch, Mapping):
         batches = list(batch)
     if not batches:
         raise ValueError(f"{name} is an empty list of micro-batches: give at least one")
-    for micro_batch in batches:
-        check_batch(micro_batch, name)
+    for part in batches:
+        if not isinstance(part, Mapping):
+            raise ValueError(f"{name} is a {type(part).__name__}: give a dict of tensors "
+                             f"(input_ids, attention_mask, labels, ...) or a list of them")
+        missing = [key for key in ("input_ids", "labels") if key not in part]
+        if missing:
+            raise ValueError(f"{name} has no {missing[0]!r} (it has {sorted(part)}): the models "
+                             f"take {', '.join(MODEL_INPUTS)}, the labels are under 'labels'")
+        if len(part["labels"]) == 0:
+            raise ValueError(f"{name} holds no examples: give at least one")
     return batches
 
 
-def check_batch(batch, name):
-    if not isinstance(batch, Mapping):
-        raise ValueError(f"{name} is a {type(batch).__name__}: give a dict of tensors "
-                         f"(input_ids, attention_mask, labels, ...) or a list of such dicts")
-    for key in ("input_ids", "labels"):
-        if key not in batch:
-            raise ValueError(f"{name} has no {key!r} (it has {sorted(batch)}): the models are "
-                             f"given input_ids, token_type_ids and attention_mask, and the "
-                             f"labels are read under 'labels'")
-    if len(batch["labels"]) == 0:
-        raise ValueError(f"{name} holds no examples: give at least one")
-
-
 def model_inputs(batch):
-    """What a model is given of a batch: input_ids, and token_type_ids and attention_mask where
-    the batch has them."""
+    """What the models are given of a batch: input_ids, and the masks it has."""
     return {key: batch[key] for key in MODEL_INPUTS if key in batch}
 
 
-def forward(model, inputs, dropout, params=None):
-    """The model's logits in fp32, with dropout or without, at its own parameters or at params
-    (name -> tensor). Every submodule's mode is restored afterwards. Each forward casts the
-    weights afresh: inside one autocast region torch reuses the low-precision copies it has
-    made, which an optimizer step in that region (the teacher's, before line 9) leaves stale."""
+def forward(model, batch, dropout, params=None):
+    """The model's logits (bf16 and fp16 made fp32) on a batch, with dropout or without, at its
+    own parameters or at params (name -> tensor); each submodule's mode is kept. The weights are
+    cast afresh: in one autocast region torch would reuse the copies it cast before an
+    optimizer step (the teacher's, before line 9)."""
     torch.clear_autocast_cache()
-    with mode(model, dropout):
+    inputs = model_inputs(batch)
+    modes = [(module, module.training) for module in model.modules()]
+    model.train(dropout)
+    try:
         if params is None:
             output = model(**inputs)
         else:
             output = functional_call(model, params, (), inputs)
-    return upcast(logits_of(output))
-
-
-@contextlib.contextmanager
-def mode(model, train):
-    """The model in training (dropout on) or eval mode; each submodule's own mode afterwards."""
-    modes = [(module, module.training) for module in model.modules()]
-    model.train(train)
-    try:
-        yield
     finally:
         for module, training in modes:
             module.training = training
-
-
-def logits_of(output):
-    """A model's logits (batch, classes): its output's .logits, as transformers' classifiers
-    return, or the output itself if it is a tensor."""
     logits = output
     if not isinstance(output, torch.Tensor):
         logits = getattr(output, "logits", None)
     if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
-        raise ValueError(f"a model returned a {type(output).__name__}: the steps need logits of "
-                         f"shape (batch, classes), as a tensor or as the output's .logits")
+        raise ValueError(f"a model returned a {type(output).__name__}: the steps need logits "
+                         f"(batch, classes), as a tensor or as the output's .logits")
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        return logits.float()
     return logits
 
 
-def upcast(x):
-    """fp16 and bf16 tensors as fp32; others as they are."""
-    if x.dtype in (torch.float16, torch.bfloat16):
-        return x.float()
-    return x
+def trainable(model):
+    return {name: p for name, p in model.named_parameters() if p.requires_grad}
+
+
+def distributed():
+    """Whether this process is one of several in a torch.distributed group (torchrun)."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def global_mean(tensors, rows):
+    """Under torchrun, the row-weighted mean over the processes of tensors that each holds as a
+    mean over its own rows, in one all-reduce: so a step on each process's share of a batch is
+    the step on the whole batch. In a plain run, the tensors as they are."""
+    if not distributed():
+        return list(tensors)
+    weighted = [t.reshape(-1).to(tensors[0].dtype) * rows for t in tensors]
+    flat = torch.cat(weighted + [tensors[0].new_tensor([rows])])
+    dist.all_reduce(flat)
+    means = (flat[:-1] / flat[-1]).split([t.numel() for t in tensors])
+    return [mean.view_as(t).to(t.dtype) for mean, t in zip(means, tensors)]
+
+
+def batch_gradient(mean_loss, batches, params, retain_graph=False):
+    """(The gradient over params, the value) of a batch's mean loss, a micro-batch at a time
+    (mean_loss(micro_batch), weighted here by its share of the rows), so that memory is that of
+    one; under torchrun, of every process's rows. Every micro-batch loop goes through here."""
+    rows = sum(len(batch["labels"]) for batch in batches)
+    grads = [torch.zeros_like(p) for p in params]
+    total = 0
+    for batch in batches:
+        loss = mean_loss(batch) * (len(batch["labels"]) / rows)
+        parts = torch.autograd.grad(loss, params, retain_graph=retain_graph,
+                                    materialize_grads=True)
+        for grad, part in zip(grads, parts):
+            grad += part
+        total = total + loss.detach()
+    *grads, total = global_mean(grads + [total], rows)
+    return grads, total
+
+
+def set_grad(params, grads):
+    for p, g in zip(params, grads):
+        p.grad = g
+
+
+def check_models(teacher, student, *optimizers):
+    """Refused before any update: fp16 autocast or an optimizer behind a GradScaler (the
+    gradients here are not scaled), and two models of different vocabulary sizes."""
+    device_type = next(student.parameters()).device.type
+    if torch.is_autocast_enabled(device_type):
+        if torch.get_autocast_dtype(device_type) == torch.float16:
+            raise ValueError("fp16 autocast needs a GradScaler, which the steps' gradients do "
+                             "not take: use bf16 autocast (no scaler needed) or fp32")
+    for optimizer in optimizers:
+        if getattr(optimizer, "scaler", None) is not None:
+            raise ValueError("an optimizer steps through a GradScaler (fp16), which the steps' "
+                             "unscaled gradients do not take: use bf16 or fp32")
+    sizes = [model.get_input_embeddings().num_embeddings for model in (teacher, student)
+             if hasattr(model, "get_input_embeddings")]
+    if len(set(sizes)) > 1:
+        raise ValueError(f"the teacher's vocabulary has {sizes[0]} ids and the student's "
+                         f"{sizes[1]}: both models must read the same token ids (one tokenizer)")
+
+
+class Watch:
+    """Hooks on the student's modules while a block runs; afterwards, refuses what it found of
+    `check`: "autocast", a module run under autocast (a forward that turns it on by itself, as
+    accelerate's mixed precision or a decorator does), or "recomputed", a module run outside a
+    call of the student (in a backward pass: gradient checkpointing)."""
+
+    MESSAGES = {
+        "autocast": "the student's forward turns autocast on by itself (accelerate's mixed "
+                    "precision wraps it so, as Trainer with bf16 does), and the influence passes "
+                    "need fp32: step accelerator.unwrap_model(student, keep_fp32_wrapper=False) "
+                    "inside accelerator.autocast(), or take the autocast off its forward",
+        "recomputed": "the student recomputes its forward in the backward pass (gradient "
+                      "checkpointing), which would take v at θs, not at θs': turn it off for the "
+                      "student (model.gradient_checkpointing_disable())",
+    }
+
+    def __init__(self, student, check):
+        self.device_type = next(student.parameters()).device.type
+        self.check = check
+        self.found = False
+        self.calls = 0  # calls of the student itself under way
+        self.hooks = [student.register_forward_pre_hook(self.enter),
+                      student.register_forward_hook(self.leave)]
+        self.hooks += [m.register_forward_pre_hook(self.ran) for m in student.modules()]
+
+    def enter(self, module, args):
+        self.calls += 1
+
+    def leave(self, module, args, output):
+        self.calls -= 1
+
+    def ran(self, module, args):
+        found = {"autocast": torch.is_autocast_enabled(self.device_type),
+                 "recomputed": self.calls == 0}
+        self.found = self.found or found[self.check]
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, error, *details):
+        for hook in self.hooks:
+            hook.remove()
+        if self.found and error is None:
+            raise ValueError(self.MESSAGES[self.check])
+
+
+def student_lr(optimizer, lookahead):
+    """ηs, read as each step begins: one learning rate for all of the student's parameters. For
+    lookahead "adamw", the optimizer must be a plain torch.optim.AdamW, whose state it reads."""
+    lrs = {float(group["lr"]) for group in optimizer.param_groups}
+    if len(lrs) != 1:
+        raise ValueError(f"the student's optimizer has groups with different learning rates "
+                         f"{sorted(lrs)}: the influence term needs one ηs for all parameters")
+    if lookahead == "adamw":
+        check_plain_adamw(optimizer)
+    return lrs.pop()
+
+
+def check_plain_adamw(optimizer):
+    inner = getattr(optimizer, "optimizer", None)  # accelerate's AcceleratedOptimizer wraps one
+    if type(inner) is torch.optim.AdamW:
+        raise ValueError(f"lookahead 'adamw' reads a torch.optim.AdamW, which this "
+                         f"{type(optimizer).__name__} wraps: pass that one (with Hugging Face "
+                         f"Trainer, trainer.optimizer.optimizer)")
+    extras = [g.get("amsgrad") or g.get("maximize") for g in optimizer.param_groups]
+    if type(optimizer) is not torch.optim.AdamW or any(extras):
+        raise ValueError(f"lookahead 'adamw' simulates torch.optim.AdamW without amsgrad or "
+                         f"maximize, not this {type(optimizer).__name__}: use lookahead 'sgd'")
+
+
+@torch.no_grad()
+def look_ahead(params, grads, optimizer, lr, lookahead):
+    """θs' after one student step (line 4), as new tensors: θs - ηs g (Algorithm 1), which makes
+    the teacher's term the exact meta-gradient; or where the optimizer's next AdamW step would
+    land ("adamw": the term keeps its SGD form, a heuristic, as in the authors' code)."""
+    if lookahead == "sgd":
+        return {name: p - lr * g for (name, p), g in zip(params.items(), grads)}
+    group_of = {p: group for group in optimizer.param_groups for p in group["params"]}
+    theta = {}
+    for (name, p), g in zip(params.items(), grads):
+        group = group_of[p]
+        beta1, beta2 = group["betas"]
+        state = optimizer.state.get(p)
+        step = 1.0
+        exp_avg = g * (1 - beta1)
+        exp_avg_sq = g * g * (1 - beta2)
+        if state:  # the step count stays a tensor: nothing is read from the device
+            step = torch.as_tensor(state["step"], dtype=torch.float64) + 1
+            exp_avg = exp_avg + state["exp_avg"] * beta1
+            exp_avg_sq = exp_avg_sq + state["exp_avg_sq"] * beta2
+        denom = exp_avg_sq.sqrt() / (1 - beta2 ** step) ** 0.5 + group["eps"]
+        decayed = p * (1 - lr * group["weight_decay"])
+        theta[name] = decayed - lr / (1 - beta1 ** step) * exp_avg / denom
+    return theta
+
+
+def feedback_gradient(student, theta, feedback_batches):
+    """(v = ∇θs L_val(θs'; z^e), L_val) at theta = θs' (line 6, eq. 5), with dropout. The
+    student's buffers (a BatchNorm's statistics) are lent as copies: z^e leaves no trace."""
+    theta = {name: p.detach().requires_grad_() for name, p in theta.items()}
+    buffers = {name: b.clone() for name, b in student.named_buffers()}
+
+    def validation_loss(batch):
+        logits = forward(student, batch, dropout=True, params={**buffers, **theta})
+        return ground_truth_loss(logits, batch["labels"]).mean()
+
+    with Watch(student, "recomputed"):
+        return batch_gradient(validation_loss, feedback_batches, list(theta.values()))
 
 
 @contextlib.contextmanager
 def full_precision(device):
-    """Strict fp32 for the influence passes: eq. 10's two losses agree in 3-5 digits at r = 0.01,
-    so TF32 or bf16 there would leave mostly rounding error in their difference."""
+    """Strict fp32 for the influence passes: eq. 10's two losses agree in 3-5 digits, so TF32
+    or bf16 would leave mostly rounding error in their difference."""
     previous = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision("highest")
     try:
@@ -226,351 +376,64 @@ def full_precision(device):
         torch.set_float32_matmul_precision(previous)
 
 
-def check_pair(teacher, student):
-    """Both models must read the same token ids: embeddings of different sizes cannot."""
-    sizes = []
-    for model in (teacher, student):
-        embeddings = getattr(model, "get_input_embeddings", None)
-        if embeddings is not None and embeddings() is not None:
-            sizes.append(embeddings().num_embeddings)
-    if len(sizes) == 2 and sizes[0] != sizes[1]:
-        raise ValueError(f"the teacher's vocabulary has {sizes[0]} ids and the student's "
-                         f"{sizes[1]}: both models must read the same token ids (one "
-                         f"tokenizer)")
-
-
-def check_unscaled(optimizer):
-    """The steps' gradients are not scaled, so a GradScaler's step (accelerate's under fp16)
-    would fail after the other model had stepped: refused before."""
-    if getattr(optimizer, "scaler", None) is not None:
-        raise ValueError("the optimizer steps through a GradScaler (fp16 mixed precision), which "
-                         "the steps' unscaled gradients do not take: use bf16 or fp32")
-
-
-def check_autocast(model):
-    """fp16 autocast would need a GradScaler, which gradients taken here do not take: refused."""
-    device_type = next(model.parameters()).device.type
-    if torch.is_autocast_enabled(device_type):
-        if torch.get_autocast_dtype(device_type) == torch.float16:
-            raise ValueError("fp16 autocast needs a GradScaler, which the steps' gradients do "
-                             "not take: use bf16 autocast (no scaler needed) or fp32")
-
-
-def check_influence_precision(student):
-    """The influence passes need fp32 weights: bf16 or fp16 ones are refused (what the passes
-    really ran is checked as they run: Watch)."""
-    check_autocast(student)
-    for name, p in trainable(student).items():
-        if p.dtype not in (torch.float32, torch.float64):
-            raise ValueError(f"the student's {name} is {p.dtype}: the finite differences need "
-                             f"fp32 weights (a step of r/||v|| vanishes in {p.dtype}); keep fp32 "
-                             f"weights and run the step under bf16 autocast instead")
-
-
-class Watch:
-    """Forward hooks on a model's modules while a block runs: `autocast` tells whether any ran
-    under autocast (a forward that turns it on itself: accelerate's mixed-precision wrapper, as
-    Trainer with bf16 makes, or an autocast decorator), `recomputed` whether any ran outside a
-    call of the model (recomputed in a backward pass: gradient checkpointing)."""
-
-    def __init__(self, model):
-        self.device_type = next(model.parameters()).device.type
-        self.autocast = False
-        self.recomputed = False
-        self.calls = 0  # calls of the model itself under way
-        self.handles = [model.register_forward_pre_hook(self.enter),
-                        model.register_forward_hook(self.leave)]
-        self.handles += [m.register_forward_pre_hook(self.ran) for m in model.modules()]
-
-    def enter(self, module, args):
-        self.calls += 1
-
-    def leave(self, module, args, output):
-        self.calls -= 1
-
-    def ran(self, module, args):
-        self.autocast = self.autocast or torch.is_autocast_enabled(self.device_type)
-        self.recomputed = self.recomputed or self.calls == 0
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exception):
-        for handle in self.handles:
-            handle.remove()
-
-
-AUTOCAST_INSIDE = ("the student's forward turns autocast on by itself, so the influence passes "
-                   "ran in low precision: accelerate's mixed precision wraps it so (as Trainer "
-                   "with bf16 does): step the model that accelerator.unwrap_model(student, "
-                   "keep_fp32_wrapper=False) gives, inside accelerator.autocast(); or take the "
-                   "autocast decorator off its forward and run the step inside torch.autocast")
-
-
-def trainable(model):
-    """The parameters that require grad, by name."""
-    return {name: p for name, p in model.named_parameters() if p.requires_grad}
-
-
-def row_weights(batches):
-    """Each micro-batch's share of the examples: the weight of its mean loss in the batch's."""
-    sizes = [len(batch["labels"]) for batch in batches]
-    return [size / sum(sizes) for size in sizes]
-
-
-def global_mean(tensors, rows):
-    """The mean over the processes of a torch.distributed group (torchrun), each process holding
-    the mean over its own rows: sum_p rows_p x_p / sum_p rows_p, in one all-reduce. So a step on
-    each process's share of a batch is the step on the whole batch. None entries (no gradient)
-    stay None. Without a group, or in a group of one, the tensors are returned as they are."""
-    tensors = list(tensors)
-    present = [t for t in tensors if t is not None]
-    if not present or not dist.is_available() or not dist.is_initialized():
-        return tensors
-    if dist.get_world_size() == 1:
-        return tensors
-    dtype = present[0].dtype
-    weighted = [t.reshape(-1).to(dtype) * rows for t in present]
-    flat = torch.cat(weighted + [present[0].new_tensor([rows], dtype=dtype)])
-    dist.all_reduce(flat)
-    means = iter((flat[:-1] / flat[-1]).split([t.numel() for t in present]))
-    reduced = []
-    for t in tensors:
-        if t is None:
-            reduced.append(None)
-        else:
-            reduced.append(next(means).view_as(t).to(t.dtype))
-    return reduced
-
-
-class BatchGradient:
-    """The gradient of a batch's mean loss, summed one micro-batch at a time (each micro-batch's
-    mean loss weighted by its share of the rows), then averaged over the processes."""
-
-    def __init__(self, params, batches):
-        self.params = params
-        self.rows = sum(len(batch["labels"]) for batch in batches)
-        self.grads = None
-        self.losses = []
-
-    def add(self, weighted_loss, retain_graph=False):
-        grads = torch.autograd.grad(weighted_loss, self.params, retain_graph=retain_graph,
-                                    materialize_grads=True)
-        if self.grads is None:
-            self.grads = list(grads)
-        else:
-            self.grads = [total + g for total, g in zip(self.grads, grads)]
-        self.losses.append(weighted_loss.detach())
-
-    def mean(self):
-        """(The gradient, the loss) of the whole batch, over all processes."""
-        loss = torch.stack(self.losses).sum()
-        *grads, loss = global_mean(self.grads + [loss], self.rows)
-        return grads, loss
-
-
-def set_grad(params, grads):
-    for p, g in zip(params, grads):
-        p.grad = g
-
-
-def student_lr(optimizer, lookahead="sgd"):
-    """ηs, the learning rate that all of the student's parameter groups must share, read as each
-    step that looks ahead begins; for lookahead 'adamw', the optimizer must be a plain AdamW."""
-    check_unscaled(optimizer)
-    lrs = sorted({float(group["lr"]) for group in optimizer.param_groups})
-    if len(lrs) != 1:
-        raise ValueError(f"the student's optimizer has groups with different learning rates "
-                         f"{lrs}: the influence term needs one ηs for all parameters")
-    if lookahead == "adamw":
-        check_plain_adamw(optimizer)
-    return lrs[0]
-
-
-def check_plain_adamw(optimizer):
-    inner = getattr(optimizer, "optimizer", None)  # accelerate's AcceleratedOptimizer wraps one
-    if type(optimizer) is not torch.optim.AdamW and type(inner) is torch.optim.AdamW:
-        raise ValueError(f"lookahead 'adamw' reads the state of a torch.optim.AdamW, and this "
-                         f"{type(optimizer).__name__} wraps one: pass that one "
-                         f"(with Hugging Face Trainer, trainer.optimizer.optimizer)")
-    if type(optimizer) is not torch.optim.AdamW:
-        raise ValueError(f"lookahead 'adamw' simulates torch.optim.AdamW, not this "
-                         f"{type(optimizer).__name__}: use lookahead 'sgd'")
-    for group in optimizer.param_groups:
-        if group["amsgrad"] or group["maximize"]:
-            raise ValueError("lookahead 'adamw' simulates torch.optim.AdamW without amsgrad or "
-                             "maximize: turn them off, or use lookahead 'sgd'")
-
-
-@torch.no_grad()
-def lookahead_params(params, grads, optimizer, lr, lookahead="sgd"):
-    """θs' after one student step (lines 3-4), as new tensors; params, their .grad and the
-    optimizer are left untouched. 'sgd': θs - lr g, as in Algorithm 1, and the teacher's term is
-    then the exact meta-gradient. 'adamw': where the optimizer's next step would land (the
-    teacher's term keeps the SGD form: a heuristic, as in the authors' code)."""
-    if lookahead == "adamw":
-        return adamw_lookahead(params, grads, optimizer, lr)
-    return {name: p - lr * g for (name, p), g in zip(params.items(), grads)}
-
-
-def adamw_lookahead(params, grads, optimizer, lr):
-    """Where torch.optim.AdamW's next step would take each parameter; its state is not changed,
-    and nothing is read back from the device (the step count stays a tensor)."""
-    group_of = {p: group for group in optimizer.param_groups for p in group["params"]}
-    new = {}
-    for (name, p), g in zip(params.items(), grads):
-        group = group_of[p]
-        state = optimizer.state.get(p, {})
-        beta1, beta2 = group["betas"]
-        if state:
-            step = torch.as_tensor(state["step"], dtype=torch.float64) + 1
-            exp_avg = state["exp_avg"] * beta1 + g * (1 - beta1)
-            exp_avg_sq = state["exp_avg_sq"] * beta2 + g * g * (1 - beta2)
-        else:
-            step = 1.0
-            exp_avg = g * (1 - beta1)
-            exp_avg_sq = g * g * (1 - beta2)
-        bias_correction1 = 1 - beta1 ** step
-        bias_correction2 = 1 - beta2 ** step
-        denom = exp_avg_sq.sqrt() / bias_correction2 ** 0.5 + group["eps"]
-        decayed = p * (1 - lr * group["weight_decay"])
-        new[name] = decayed - lr / bias_correction1 * exp_avg / denom
-    return new
-
-
-class LookAheadStep(NamedTuple):
-    """Lines 2-4 of Algorithm 1 on the micro-batches of z^r."""
-
-    student_lr: float  # ηs
-    theta_next: dict  # θs' = θs - ηs ∇θs L_s, new tensors by name
-    student_grads: list  # ∇θs L_s (eq. 1), the look-ahead's gradient
-    student_loss: torch.Tensor  # L_s at θs
-    teacher_targets: list  # per micro-batch: the teacher's logits without dropout
-    student_logits: list  # per micro-batch: the student's logits with dropout
-    kept_graphs: bool  # one micro-batch: both keep their graphs, for lines 7-9; with more, no
-    # graph is kept (the teacher's targets are then taken again), so memory stays that of one
-
-
-def lookahead_step(teacher, student, student_optimizer, batches, opts):
-    """Lines 2-4 of Algorithm 1: L_s on z^r and the look-ahead θs' = θs - ηs ∇θs L_s (eq. 1-2),
-    as new tensors; nothing is updated."""
-    lr = student_lr(student_optimizer, opts.lookahead)
-    params = trainable(student)
-    keep_graphs = len(batches) == 1
-    total = BatchGradient(list(params.values()), batches)
-    teacher_targets = []
-    student_logits = []
-    for batch, weight in zip(batches, row_weights(batches)):
-        inputs = model_inputs(batch)
-        # Line 2: z^r. The student's targets come from the teacher without dropout, as in its
-        # real update (the teacher's own loss sees dropout: teacher_gradient).
-        with torch.set_grad_enabled(keep_graphs):
-            targets = forward(teacher, inputs, dropout=False)
-        logits = forward(student, inputs, dropout=True)
-        # Line 3: L_s (eq. 1) and its gradient.
-        total.add(weight * student_loss(logits, targets, batch["labels"], opts),
-                  retain_graph=keep_graphs)
-        if not keep_graphs:
-            logits = logits.detach()
-        teacher_targets.append(targets)
-        student_logits.append(logits)
-    # Line 4: θs' (eq. 2), as new tensors, from the gradient of the whole batch (all processes).
-    grads, loss = total.mean()
-    theta_next = lookahead_params(params, grads, student_optimizer, lr, opts.lookahead)
-    return LookAheadStep(lr, theta_next, grads, loss, teacher_targets, student_logits,
-                         keep_graphs)
-
-
-def feedback_gradient(student, params, feedback_batch):
-    """v = ∇θs L_val(θs'; z^e) (lines 5-6) at params = θs', with dropout, and L_val itself. The
-    feedback batch may be given as micro-batches. The student's buffers (a BatchNorm's running
-    statistics) are lent as copies: the held-out batch leaves no trace in them."""
-    batches = micro_batches(feedback_batch, "feedback_batch")
-    params = {name: p.detach().requires_grad_() for name, p in params.items()}
-    buffers = {name: b.clone() for name, b in student.named_buffers()}
-    total = BatchGradient(list(params.values()), batches)
-    with Watch(student) as ran:
-        for batch, weight in zip(batches, row_weights(batches)):
-            logits = forward(student, model_inputs(batch), dropout=True,
-                             params={**buffers, **params})
-            total.add(weight * ground_truth_loss(logits, batch["labels"]).mean())  # L_val, eq. 5
-    if ran.recomputed:
-        raise ValueError("the student recomputes its forward in the backward pass (gradient "
-                         "checkpointing), which would take v at θs, not at the look-ahead θs': "
-                         "turn it off for the student (model.gradient_checkpointing_disable())")
-    return total.mean()
-
-
-def influence_fd(student, v, inputs, teacher_logits, sample_loss, radius=0.01):
+def influence_fd(student, v, batch, teacher_logits, sample_loss, radius=0.01):
     """The distillation influence w_i = ∇θs D_i · v by central differences (eq. 10, appendix B):
 
         w_i ≈ [D_i(T, S(θs + eps v)) - D_i(T, S(θs - eps v))] / (2 eps),    eps = r / ||v||
 
-    sample_loss(student_logits, teacher_logits) gives D_i per sample. The two student passes run
-    without grad and without dropout (two masks would make the difference noise), in strict fp32.
-    θs itself is not written. w keeps its graph to θt through teacher_logits."""
+    sample_loss(student_logits, teacher_logits) gives D_i per sample. The passes at θs± (line 6)
+    run without grad, without dropout (two masks would make the difference noise) and in strict
+    fp32; θs itself is not touched. w keeps its graph to θt through teacher_logits."""
     params = trainable(student)
-    teacher_logits = upcast(teacher_logits)
+    for name, p in params.items():
+        if p.dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"the student's {name} is {p.dtype}: the finite differences need "
+                             f"fp32 weights (a step of r/||v|| vanishes in {p.dtype}); keep fp32 "
+                             f"weights and run the step under bf16 autocast instead")
     eps = radius / torch.nn.utils.get_total_norm(v).clamp_min(1e-30)  # v = 0: w = 0, not NaN
-    step = [eps * d for d in v]
-    with full_precision(teacher_logits.device), torch.no_grad(), Watch(student) as ran:
-        plus = forward(student, inputs, dropout=False, params=shifted(params, step, 1))
-        minus = forward(student, inputs, dropout=False, params=shifted(params, step, -1))
-    if ran.autocast:
-        raise ValueError(AUTOCAST_INSIDE)
-    difference = sample_loss(plus, teacher_logits) - sample_loss(minus, teacher_logits)
+    plus = {name: p + eps * d for (name, p), d in zip(params.items(), v)}
+    minus = {name: p - eps * d for (name, p), d in zip(params.items(), v)}
+    with full_precision(teacher_logits.device), torch.no_grad(), Watch(student, "autocast"):
+        s_plus = forward(student, batch, dropout=False, params=plus)
+        s_minus = forward(student, batch, dropout=False, params=minus)
+    difference = sample_loss(s_plus, teacher_logits) - sample_loss(s_minus, teacher_logits)
     return difference / (2 * eps)
 
 
-def shifted(params, step, sign):
-    """θs + sign × step, as new tensors."""
-    return {name: p + sign * s for (name, p), s in zip(params.items(), step)}
-
-
-def influence_exact(student, v, inputs, teacher_logits, sample_loss):
+def influence_exact(student, v, batch, teacher_logits, sample_loss):
     """The same w_i exactly (eq. 8). One forward-mode pass gives the student's logits s and their
     derivative along v, ds = J v; then w_i = dD_i/ds_i · ds_i. θt enters through teacher_logits
     alone, so ∇θt w_i needs no graph through the student."""
     params = {name: p.detach() for name, p in trainable(student).items()}
-    tangents = dict(zip(params, v))
 
     def logits_at(p):
-        return forward(student, inputs, dropout=False, params=p)
+        return forward(student, batch, dropout=False, params=p)
 
     try:
-        with full_precision(teacher_logits.device), Watch(student) as ran:
-            s, ds = jvp(logits_at, (params,), (tangents,))
+        with full_precision(teacher_logits.device), Watch(student, "autocast"):
+            s, ds = jvp(logits_at, (params,), (dict(zip(params, v)),))
     except NotImplementedError as e:
-        raise ValueError(f"influence 'exact' needs forward-mode AD (torch.func.jvp) through the "
-                         f"student, which one of its operations lacks ({one_line(e)[:200]}). A "
-                         f"transformers model has it with eager attention: load it with "
-                         f"attn_implementation='eager', or call "
+        raise ValueError(f"influence 'exact' needs forward-mode AD through the student, which one "
+                         f"of its operations lacks ({str(e)[:200]}): a transformers model has it "
+                         f"with attn_implementation='eager', or after "
                          f"model.set_attn_implementation('eager')") from e
-    if ran.autocast:
-        raise ValueError(AUTOCAST_INSIDE)
     s = s.detach().requires_grad_()
-    losses = sample_loss(s, upcast(teacher_logits))
-    (dD_ds,) = torch.autograd.grad(losses.sum(), s, create_graph=True)
+    (dD_ds,) = torch.autograd.grad(sample_loss(s, teacher_logits).sum(), s, create_graph=True)
     return (dD_ds * ds.detach()).sum(-1)
 
 
-def one_line(error):
-    """An exception as one line: its type and its words."""
-    return f"{type(error).__name__}: " + " ".join(str(error).split())
+def influence(teacher, student, v, batch, opts):
+    """Line 7 on one micro-batch: w_i = ∇θs D_i · v (eq. 8, 10), with its graph to θt through
+    the teacher's targets, taken without dropout as in the student's update."""
+    teacher_logits = forward(teacher, batch, dropout=False)
 
+    def sample_loss(student_logits, teacher_logits):  # D_i
+        return distillation_loss(student_logits, teacher_logits, opts.distill_loss,
+                                 opts.temperature)
 
-def influence(teacher, student, lookahead, v, batches, index, opts):
-    """Line 7 on micro-batch `index`: w_i = ∇θs D_i · v (eq. 8, 10), with its graph to θt
-    through the teacher's targets (line 2's, where their graph was kept; else taken again)."""
-    inputs = model_inputs(batches[index])
-    teacher_targets = lookahead.teacher_targets[index]
-    if not lookahead.kept_graphs:
-        teacher_targets = forward(teacher, inputs, dropout=False)
-    sample_loss = functools.partial(distillation_loss, kind=opts.distill_loss,
-                                    temperature=opts.temperature)  # D_i
     if opts.influence == "exact":
-        return influence_exact(student, v, inputs, teacher_targets, sample_loss)
-    return influence_fd(student, v, inputs, teacher_targets, sample_loss, opts.fd_radius)
+        return influence_exact(student, v, batch, teacher_logits, sample_loss)
+    return influence_fd(student, v, batch, teacher_logits, sample_loss, opts.fd_radius)
 
 
 def influence_objective(w, student_lr, student_alpha=0.0, weight=1.0):
@@ -586,156 +449,121 @@ def influence_objective(w, student_lr, student_alpha=0.0, weight=1.0):
     return -weight * student_lr * (1 - student_alpha) * w.mean()
 
 
-class InfluenceGradient(NamedTuple):
-    """What influence_gradient leaves: lines 2-7, and the influence term's gradient."""
-
-    grads: list  # ∇θt of the influence objective, for every trainable teacher parameter
-    objective: torch.Tensor  # the influence objective itself
-    w: torch.Tensor  # the influences w_i of this process's rows, without graph
-    feedback_loss: torch.Tensor  # L_val(θs')
-    lookahead: LookAheadStep
-
-
-def influence_gradient(teacher, student, student_optimizer, batches, feedback_batch, opts):
-    """Lines 2-7 of Algorithm 1 and the gradient of the influence objective (meta's eq. 7, the
-    second part of LGTM's eq. 11), one micro-batch at a time; nothing is updated."""
-    check_pair(teacher, student)
-    check_influence_precision(student)
-    # Lines 2-4: the look-ahead student step θs' = θs - ηs ∇θs L_s (eq. 1-2), as new tensors.
-    lookahead = lookahead_step(teacher, student, student_optimizer, batches, opts)
-    # Lines 5-6: the feedback batch z^e and v = ∇θs L_val(θs'; z^e) (eq. 5).
-    v, feedback_loss = feedback_gradient(student, lookahead.theta_next, feedback_batch)
-    total = BatchGradient(list(trainable(teacher).values()), batches)
-    ws = []
-    for index, share in enumerate(row_weights(batches)):
-        # Line 7: each training sample's distillation influence w_i = ∇θs D_i · v.
-        w = influence(teacher, student, lookahead, v, batches, index, opts)
-        objective = influence_objective(w, lookahead.student_lr, opts.student_alpha,
-                                        opts.influence_weight)
-        total.add(share * objective)
-        ws.append(w.detach())
-    grads, objective = total.mean()
-    return InfluenceGradient(grads, objective, torch.cat(ws), feedback_loss, lookahead)
-
-
 class TeacherGradient(NamedTuple):
-    """What teacher_gradient returns besides the teacher's .grad."""
+    """What teacher_gradient leaves besides the teacher's .grad."""
 
-    logs: dict  # teacher_loss, feedback_loss, w and influence_aux_ratio, on the device
-    student_logits: torch.Tensor | None  # line 2's, with their graph, if the batch came whole
+    logs: dict  # teacher_loss, feedback_loss, w (this process's rows), influence_aux_ratio
+    v: list  # ∇θs L_val(θs'), line 6's direction
+    student_grads: list  # ∇θs L_s at θs, the look-ahead's gradient (meta's student step)
+    student_loss: torch.Tensor  # L_s at θs
+    student_logits: torch.Tensor | None  # line 2's with their graph, if the batch came whole
 
 
-def teacher_gradient(teacher, student, student_optimizer, batch, feedback_batch, opts=Options()):
-    """Lines 2-8 of Algorithm 1: sets the teacher's .grad to the gradient of its loss, L_aux plus
-    the influence term (eq. 11), and steps no optimizer, so that the caller's clipping and
-    optimizer stay in charge. batch (z^r) and feedback_batch (z^e) may each be given as
-    micro-batches: the look-ahead and v are then those of the whole batch, while w and the
-    teacher's gradient are taken one micro-batch at a time, so that memory is that of one.
+def teacher_gradient(teacher, student, student_optimizer, batch, feedback_batch, opts=Options(),
+                     aux=True):
+    """Lines 2-8 of Algorithm 1: sets the teacher's .grad to the gradient of its loss (eq. 11:
+    L_aux plus the influence term; aux=False, the term alone: meta's eq. 7) and steps nothing,
+    so that your clipping and optimizer stay in charge. Each batch may be a list of micro-batches:
+    the look-ahead and v are the whole batch's, w and the gradients are taken a micro-batch at a
+    time. Under torchrun, call it on each process with its rows and the models unwrapped (no
+    DistributedDataParallel): it averages over the processes itself."""
+    batches = micro_batches(batch, "batch")  # line 2: z^r
+    feedback_batches = micro_batches(feedback_batch, "feedback_batch")  # line 5: z^e
+    check_models(teacher, student, student_optimizer)
+    lr = student_lr(student_optimizer, opts.lookahead)
+    whole = len(batches) == 1
+    student_logits = []
 
-    Under torch.distributed (torchrun), call it on every process with its share of the batches
-    and the models not wrapped in DistributedDataParallel: it averages over the processes itself
-    (not for FSDP or any model split across devices)."""
-    batches = micro_batches(batch, "batch")
-    params = list(trainable(teacher).values())
-    term = influence_gradient(teacher, student, student_optimizer, batches, feedback_batch, opts)
-    # Line 8: L_aux (online's eq. 3, the teacher with dropout) beside the influence term (eq. 11,
-    # sign corrected). Their gradients, kept apart, give the ratio logged.
-    aux = BatchGradient(params, batches)
-    for index, share in enumerate(row_weights(batches)):
-        batch = batches[index]
-        teacher_logits = forward(teacher, model_inputs(batch), dropout=True)
-        student_logits = term.lookahead.student_logits[index]
-        aux.add(share * teacher_aux_loss(teacher_logits, student_logits, batch["labels"], opts))
-    aux_grads, aux_loss = aux.mean()
-    set_grad(params, [a + b for a, b in zip(aux_grads, term.grads)])
-    ratio = torch.nn.utils.get_total_norm(term.grads) / torch.nn.utils.get_total_norm(aux_grads)
-    logs = {"teacher_loss": aux_loss + term.objective, "feedback_loss": term.feedback_loss,
-            "w": term.w, "influence_aux_ratio": ratio}
-    student_logits = None
-    if term.lookahead.kept_graphs:
-        student_logits = term.lookahead.student_logits[0]
-    return TeacherGradient(logs, student_logits)
+    def distillation(batch):  # L_s (eq. 1), the teacher's targets without dropout
+        with torch.no_grad():
+            targets = forward(teacher, batch, dropout=False)
+        student_logits.append(forward(student, batch, dropout=True))
+        return student_loss(student_logits[-1], targets, batch["labels"], opts)
+
+    # Lines 3-4: θs' = θs - ηs ∇θs L_s (eq. 2), new tensors; the student is not touched.
+    params = trainable(student)
+    grads, loss = batch_gradient(distillation, batches, list(params.values()), whole)
+    theta = look_ahead(params, grads, student_optimizer, lr, opts.lookahead)
+    # Line 6: v = ∇θs L_val(θs'; z^e), the direction of θs± = θs ± eps v.
+    v, feedback_loss = feedback_gradient(student, theta, feedback_batches)
+    ws = []
+
+    def influence_term(batch):  # line 7: w_i (eq. 8, 10), in the teacher's term (eq. 11)
+        ws.append(influence(teacher, student, v, batch, opts))
+        return influence_objective(ws[-1], lr, opts.student_alpha, opts.influence_weight)
+
+    teacher_params = list(trainable(teacher).values())
+    term, objective = batch_gradient(influence_term, batches, teacher_params)
+    logs = {"teacher_loss": objective, "feedback_loss": feedback_loss,
+            "w": torch.cat(ws).detach()}
+    if aux:
+        targets = iter(student_logits)
+
+        def aux_loss(batch):  # L_aux: online's eq. 3, the teacher with dropout
+            logits = forward(teacher, batch, dropout=True)
+            return teacher_aux_loss(logits, next(targets), batch["labels"], opts)
+
+        # Line 8: ∇θt (L_aux + the influence term), kept apart for the ratio logged.
+        aux_grads, aux_value = batch_gradient(aux_loss, batches, teacher_params)
+        norms = [torch.nn.utils.get_total_norm(g) for g in (term, aux_grads)]
+        logs["influence_aux_ratio"] = norms[0] / norms[1]
+        logs["teacher_loss"] = aux_value + objective
+        term = [a + b for a, b in zip(aux_grads, term)]
+    set_grad(teacher_params, term)
+    kept = None
+    if whole:
+        kept = student_logits[0]
+    return TeacherGradient(logs, v, grads, loss, kept)
 
 
 def student_gradient(teacher, student, batch, opts=Options(), student_logits=None):
     """Line 9 of Algorithm 1, and the student's update in kd and online (eq. 1-2, 4): sets the
-    student's .grad to ∇θs L_s, the teacher's targets taken now, without dropout (in lgtm and
-    online: after the teacher's update, appendix F.2); steps no optimizer. student_logits: the
-    student's logits of the whole batch with their graph, to save a forward (lgtm_step passes
-    line 2's); without them the student runs again, with dropout. Returns L_s."""
+    student's .grad to ∇θs L_s against the teacher's targets taken now, without dropout (in lgtm
+    and online, after the teacher's update: appendix F.2), and steps nothing. student_logits,
+    of the whole batch with their graph, save a forward (lgtm_step passes line 2's); without
+    them the student runs again, with dropout. Returns L_s."""
     batches = micro_batches(batch, "batch")
-    check_pair(teacher, student)
-    check_autocast(student)
+    check_models(teacher, student)
     if student_logits is not None and len(batches) > 1:
         raise ValueError("student_logits are those of one whole batch, not of micro-batches")
-    params = list(trainable(student).values())
-    total = BatchGradient(params, batches)
-    for batch, share in zip(batches, row_weights(batches)):
-        inputs = model_inputs(batch)
+
+    def distillation(batch):
         with torch.no_grad():
-            teacher_targets = forward(teacher, inputs, dropout=False)
+            targets = forward(teacher, batch, dropout=False)
         logits = student_logits
         if logits is None:
-            logits = forward(student, inputs, dropout=True)
-        total.add(share * student_loss(logits, teacher_targets, batch["labels"], opts))
-    grads, loss = total.mean()
+            logits = forward(student, batch, dropout=True)
+        return student_loss(logits, targets, batch["labels"], opts)
+
+    params = list(trainable(student).values())
+    grads, loss = batch_gradient(distillation, batches, params)
     set_grad(params, grads)
     return loss
 
 
 def clip_teacher(teacher, opts):
-    """The teacher's gradient clipped to opts.teacher_max_grad_norm, where that is set."""
     if opts.teacher_max_grad_norm > 0:
         torch.nn.utils.clip_grad_norm_(teacher.parameters(), opts.teacher_max_grad_norm)
 
 
 def lgtm_step(teacher, student, teacher_optimizer, student_optimizer, batch, feedback_batch,
               opts=Options()):
-    """One iteration of Algorithm 1 on the batches z^r and z^e: the teacher's update, then the
-    student's. Each batch is a dict with input_ids, labels and, where the models take them,
-    attention_mask and token_type_ids (the same tokenizer for both models), or a list of such
-    micro-batches. Each model returns logits (batch, classes) or an output with .logits, and
-    keeps fp32 weights (bf16 autocast around the step is fine; fp16 is refused).
-
-    No scheduler step and no read from the device; the models' modes are kept. Afterwards each
-    model's .grad holds the gradient its optimizer stepped with: the next step replaces it, but
-    clear it before any backward of your own. With influence 'fd' and the batch whole, a step
-    costs 7 teacher and 10 student forward passes (a backward counts as two); given as
-    micro-batches, 8 and 11. Under torchrun: as teacher_gradient says."""
-    check_unscaled(teacher_optimizer)
+    """One iteration of Algorithm 1 on z^r and z^e: the teacher's update, then the student's.
+    A batch is a dict with input_ids and labels and, where the models take them, attention_mask
+    and token_type_ids (one tokenizer for both), or a list of such micro-batches. Each model
+    returns logits (batch, classes) or an output with .logits, and keeps fp32 weights (bf16
+    autocast around the step is fine). Steps no scheduler, reads nothing from the device, keeps
+    the models' modes; each model's .grad holds what its optimizer stepped with. With influence
+    'fd' a step costs 8 teacher and 10 student forward passes (a backward counts as two); 8 and
+    11 in micro-batches."""
+    check_models(teacher, student, teacher_optimizer)
     update = teacher_gradient(teacher, student, student_optimizer, batch, feedback_batch, opts)
     clip_teacher(teacher, opts)
     teacher_optimizer.step()
     # Line 9: the student distils (eq. 1-2) from the teacher just updated (appendix F.2).
-    loss_s = student_gradient(teacher, student, batch, opts, update.student_logits)
+    loss = student_gradient(teacher, student, batch, opts, update.student_logits)
     student_optimizer.step()
-    return {"student_loss": loss_s, **update.logs}
-
-
-class LookAheadInfluence(NamedTuple):
-    """Lines 2-7 of Algorithm 1 on one batch (lookahead_influence)."""
-
-    student_lr: float  # ηs
-    teacher_targets: torch.Tensor  # the teacher's logits without dropout, with their graph
-    student_logits: torch.Tensor  # the student's logits with dropout, with their graph
-    student_loss: torch.Tensor  # L_s at θs
-    student_grads: list  # ∇θs L_s, the look-ahead's gradient
-    w: torch.Tensor  # the distillation influences w_i, with their graph to θt
-    feedback_loss: torch.Tensor  # L_val(θs')
-
-
-def lookahead_influence(teacher, student, student_optimizer, batch, feedback_batch, opts):
-    """Lines 2-7 of Algorithm 1 on one whole batch, without any update: what the probe set of
-    section 6 records, and what the tutorial takes apart."""
-    batches = micro_batches(batch, "batch")
-    if len(batches) > 1:
-        raise ValueError("lookahead_influence takes one whole batch, not micro-batches")
-    lookahead = lookahead_step(teacher, student, student_optimizer, batches, opts)
-    v, feedback_loss = feedback_gradient(student, lookahead.theta_next, feedback_batch)
-    w = influence(teacher, student, lookahead, v, batches, 0, opts)
-    return LookAheadInfluence(lookahead.student_lr, lookahead.teacher_targets[0],
-                              lookahead.student_logits[0], lookahead.student_loss,
-                              lookahead.student_grads, w, feedback_loss)
+    return {"student_loss": loss, **update.logs}
 
 
 # == 2. The paper's comparison methods (its figure 1), with lgtm_step's signature ============
@@ -745,68 +573,65 @@ def kd_step(teacher, student, teacher_optimizer, student_optimizer, batch, feedb
             opts=Options()):
     """Vanilla KD (eq. 1-2): the student distils from a frozen fine-tuned teacher without
     dropout. teacher_optimizer and feedback_batch are not used."""
-    check_unscaled(student_optimizer)
-    loss_s = student_gradient(teacher, student, batch, opts)
+    check_models(teacher, student, student_optimizer)
+    loss = student_gradient(teacher, student, batch, opts)
     student_optimizer.step()
-    return {"student_loss": loss_s}
+    return {"student_loss": loss}
 
 
 def online_teacher_gradient(teacher, student, batch, opts=Options()):
-    """Online distillation's teacher (eq. 3): sets its .grad to ∇θt L_aux, against the student's
-    logits with dropout; steps no optimizer. Returns L_aux, and the student's logits with their
+    """Online distillation's teacher (eq. 3): sets its .grad to ∇θt L_aux against the student's
+    logits with dropout, and steps nothing. Returns L_aux, and the student's logits with their
     graph if the batch came whole (for student_gradient)."""
     batches = micro_batches(batch, "batch")
-    check_pair(teacher, student)
-    check_autocast(teacher)
+    check_models(teacher, student)
+    whole = len(batches) == 1
+    student_logits = []
+
+    def aux_loss(batch):
+        logits = forward(teacher, batch, dropout=True)
+        with torch.set_grad_enabled(whole):  # micro-batches: values only, as L_aux needs
+            student_logits.append(forward(student, batch, dropout=True))
+        return teacher_aux_loss(logits, student_logits[-1], batch["labels"], opts)
+
     params = list(trainable(teacher).values())
-    keep_graph = len(batches) == 1
-    total = BatchGradient(params, batches)
-    for batch, share in zip(batches, row_weights(batches)):
-        inputs = model_inputs(batch)
-        teacher_logits = forward(teacher, inputs, dropout=True)
-        with torch.set_grad_enabled(keep_graph):  # micro-batches: values only, as L_aux needs
-            student_logits = forward(student, inputs, dropout=True)
-        total.add(share * teacher_aux_loss(teacher_logits, student_logits, batch["labels"], opts))
-    grads, loss = total.mean()
+    grads, loss = batch_gradient(aux_loss, batches, params)
     set_grad(params, grads)
-    if not keep_graph:
-        student_logits = None
-    return loss, student_logits
+    kept = None
+    if whole:
+        kept = student_logits[0]
+    return loss, kept
 
 
 def online_step(teacher, student, teacher_optimizer, student_optimizer, batch,
                 feedback_batch=None, opts=Options()):
     """Online distillation: the teacher learns L_aux (eq. 3); then the student learns from the
     teacher so updated (eq. 4). feedback_batch is not used."""
-    check_unscaled(teacher_optimizer)
-    check_unscaled(student_optimizer)
+    check_models(teacher, student, teacher_optimizer, student_optimizer)
     teacher_loss, student_logits = online_teacher_gradient(teacher, student, batch, opts)
     clip_teacher(teacher, opts)
     teacher_optimizer.step()
-    loss_s = student_gradient(teacher, student, batch, opts, student_logits)  # eq. 4
+    loss = student_gradient(teacher, student, batch, opts, student_logits)  # eq. 4
     student_optimizer.step()
-    return {"teacher_loss": teacher_loss, "student_loss": loss_s}
+    return {"teacher_loss": teacher_loss, "student_loss": loss}
 
 
 def meta_gradients(teacher, student, student_optimizer, batch, feedback_batch, opts=Options()):
     """Meta distillation's gradients (MetaDistil, eq. 6-7), no optimizer stepped: the teacher's
-    .grad is that of the influence objective alone (not clipped: the clip must see the whole
-    gradient), the student's .grad is the look-ahead's gradient, which distils from the teacher
-    as it was before this step."""
-    batches = micro_batches(batch, "batch")
-    term = influence_gradient(teacher, student, student_optimizer, batches, feedback_batch, opts)
-    set_grad(trainable(teacher).values(), term.grads)  # eq. 7
-    set_grad(trainable(student).values(), term.lookahead.student_grads)  # eq. 6
-    return {"teacher_loss": term.objective, "student_loss": term.lookahead.student_loss,
-            "feedback_loss": term.feedback_loss, "w": term.w}
+    .grad is the influence term's alone (lines 2-8 without L_aux: eq. 7), the student's the
+    look-ahead's, which distils from the teacher as it was before this step (eq. 6)."""
+    update = teacher_gradient(teacher, student, student_optimizer, batch, feedback_batch, opts,
+                              aux=False)
+    set_grad(trainable(student).values(), update.student_grads)
+    return {"student_loss": update.student_loss, **update.logs}
 
 
 def meta_step(teacher, student, teacher_optimizer, student_optimizer, batch, feedback_batch,
               opts=Options()):
-    """Meta distillation (MetaDistil, eq. 6-7): the fine-tuned teacher learns the influence
-    objective alone (its gradient clipped to opts.teacher_max_grad_norm: MetaDistil's 1); the
-    student takes the look-ahead's step."""
-    check_unscaled(teacher_optimizer)
+    """Meta distillation (MetaDistil, eq. 6-7): the fine-tuned teacher learns the influence term
+    alone (MetaDistil clips its gradient at 1: teacher_max_grad_norm); the student takes the
+    look-ahead's step."""
+    check_models(teacher, student, teacher_optimizer)
     logs = meta_gradients(teacher, student, student_optimizer, batch, feedback_batch, opts)
     clip_teacher(teacher, opts)
     teacher_optimizer.step()
@@ -871,18 +696,20 @@ def read_split(task, data_dir, split):
     """One split of a GLUE task as the columns text_a, [text_b], label (a class id or a score;
     -1 in test) and idx: from the Hub (data_dir None), from data_dir's GLUE TSV files, or from
     data_dir's parquet files in the Hub's layout."""
+    tsv = data_dir is not None and (data_dir / task.glue_dir / "train.tsv").is_file()
     if data_dir is None:
         source = f"nyu-mll/glue {task.name} {split}"
         ds = load_dataset(source, "nyu-mll/glue", task.name, split=split)
-        return glue_rows(task, ds, source, split, tsv=False)
-    if (data_dir / task.glue_dir / "train.tsv").is_file():
-        path = data_dir / task.glue_dir / (split.replace("validation", "dev") + ".tsv")
-        return glue_rows(task, read_tsv(task, path, split), path, split, tsv=True)
-    files = sorted(str(path) for path in (data_dir / task.name).glob(f"{split}-*.parquet"))
-    if not files:
-        raise missing_file(task, data_dir / task.glue_dir / "train.tsv")
-    ds = load_dataset(files[0], "parquet", data_files=files, split="train")
-    return glue_rows(task, ds, files[0], split, tsv=False)
+    elif tsv:
+        source = data_dir / task.glue_dir / (split.replace("validation", "dev") + ".tsv")
+        ds = read_tsv(task, source, split)
+    else:
+        files = sorted(str(path) for path in (data_dir / task.name).glob(f"{split}-*.parquet"))
+        if not files:
+            raise missing_file(task, data_dir / task.glue_dir / "train.tsv")
+        source = files[0]
+        ds = load_dataset(source, "parquet", data_files=files, split="train")
+    return glue_rows(task, ds, source, split, tsv)
 
 
 def missing_file(task, path):
@@ -895,12 +722,10 @@ def read_tsv(task, path, split):
     a header."""
     if not path.is_file():
         raise missing_file(task, path)
-    header_lines = 1
     column_names = None
     if not has_header(task, split):
-        header_lines = 0
         column_names = ["src", "label", "mark", "sentence"]
-    if len(path.read_bytes().strip().splitlines()) <= header_lines:
+    if len(path.read_bytes().strip().splitlines()) <= has_header(task, split):
         raise UserError(f"{path} has no examples: restore the complete file")
     return load_dataset(path, "csv", data_files=str(path), split="train", delimiter="\t",
                         quoting=csv.QUOTE_NONE, encoding="utf-8-sig", na_filter=False,
@@ -912,6 +737,11 @@ def has_header(task, split):
     return split.startswith("test") or task.name != "cola"
 
 
+def one_line(error):
+    """An exception as one line: its type and its words."""
+    return f"{type(error).__name__}: " + " ".join(str(error).split())
+
+
 def load_dataset(source, *args, **kwargs):
     """datasets.load_dataset, its failure in one line naming the source."""
     import datasets
@@ -921,58 +751,40 @@ def load_dataset(source, *args, **kwargs):
         raise UserError(f"could not read {source} ({one_line(e.__cause__ or e)})") from None
 
 
-class Columns(NamedTuple):
-    """Where a split's file keeps what glue_rows reads."""
-
-    text: tuple  # one or two text columns
-    label: str | None  # None in test
-    idx: str | None  # None: the rows are numbered from 0
-    names: list  # the labels as the file writes them, in class order; [] for scores
-    first_line: int | None  # the first example's line in a TSV file; None elsewhere
-
-
-def glue_columns(task, split, tsv, column_names):
-    test = split.startswith("test")
-    label = None
-    if tsv:
-        if not test:
-            label = task.tsv_label
-        idx = None
-        if test:
-            idx = task.tsv_id
-        first_line = 1
-        if has_header(task, split):
-            first_line = 2
-        return Columns(task.tsv_text, label, idx, list(task.labels), first_line)
-    if not test:
-        label = "label"
-    idx = None
-    if "idx" in column_names:
-        idx = "idx"
-    class_ids = [str(i) for i in range(len(task.labels))]  # the Hub writes class ids
-    return Columns(task.text, label, idx, class_ids, None)
-
-
 def glue_rows(task, ds, source, split, tsv):
-    """The columns text_a, [text_b], label and idx of a split read from the Hub, parquet or TSV."""
+    """The columns text_a, [text_b], label and idx of a split read from the Hub, parquet or TSV
+    (whose labels are names, and whose rows are numbered from 0 but in test)."""
     import datasets
-    columns = glue_columns(task, split, tsv, ds.column_names)
-    needed = [c for c in (*columns.text, columns.label, columns.idx) if c is not None]
-    missing = [column for column in needed if column not in ds.column_names]
+    test = split.startswith("test")
+    text = task.text
+    label = "label"
+    names = [str(i) for i in range(len(task.labels))]  # the Hub writes class ids
+    idx = "idx"
+    if tsv:
+        text = task.tsv_text
+        label = task.tsv_label
+        names = list(task.labels)
+        idx = task.tsv_id
+    if test:
+        label = None
+    if idx not in ds.column_names or (tsv and not test):
+        idx = None
+    missing = [c for c in (*text, label) if c is not None and c not in ds.column_names]
     if missing:
         raise UserError(f"{source}: no column {missing} among {ds.column_names}: is this the "
                         f"{task.glue_dir} {split} file of the GLUE release?")
-    rows = {"text_a": list(ds[columns.text[0]])}
-    if len(columns.text) == 2:
-        rows["text_b"] = list(ds[columns.text[1]])
-    if columns.label is None:
-        rows["label"] = [-1] * len(ds)
-    else:
-        rows["label"] = label_values(ds[columns.label], columns.names, source, columns.first_line)
-    if columns.idx is None:
-        rows["idx"] = list(range(len(ds)))
-    else:
-        rows["idx"] = list(ds[columns.idx])
+    rows = {"text_a": list(ds[text[0]])}
+    if len(text) == 2:
+        rows["text_b"] = list(ds[text[1]])
+    rows["label"] = [-1] * len(ds)
+    if label is not None:
+        first_line = None
+        if tsv:
+            first_line = 1 + has_header(task, split)
+        rows["label"] = label_values(ds[label], names, source, first_line)
+    rows["idx"] = list(range(len(ds)))
+    if idx is not None:
+        rows["idx"] = list(ds[idx])
     return datasets.Dataset.from_dict(rows)
 
 
@@ -988,9 +800,8 @@ def label_values(values, names, source, first_line):
             else:
                 labels.append(float(value))
         except ValueError:
-            if first_line is None:
-                where = f"row {row}"
-            else:
+            where = f"row {row}"
+            if first_line is not None:
                 where = f"line {row + first_line}"
             expected = names or "the numbers"
             raise UserError(f"{source}, {where}: label {value!r} is not one of "
@@ -1038,16 +849,12 @@ def forever(loader):
 
 
 def check_hub_access(needed):
-    """Before any download: without the Hub, one message within seconds that names each input
-    that needs it. needed: (flag, name) pairs. What the cache holds still works."""
-    if not needed:
-        return
+    """Before any download, without the Hub: one message within seconds that names each input
+    that needs it (needed: (flag, name) pairs). What the cache holds still works."""
     reason = hub_unreachable()
-    if reason is None:
-        return
     missing = []
     for flag, name in needed:
-        if is_cached(name):
+        if reason is None or is_cached(name):
             continue
         if flag == "--data-dir":
             missing.append(f"--data-dir DIR (GLUE: DIR/{name}/train.tsv)")
@@ -1117,8 +924,10 @@ def load_model(name, flag, num_labels, layers=None, attention="sdpa"):
     if layers and layers > depth:
         raise UserError(f"--student-layers {layers}: {name} has only {depth} layers")
     kwargs = {"num_labels": num_labels, "dtype": torch.float32, "attn_implementation": attention}
+    kept = depth
     if layers:
         kwargs["num_hidden_layers"] = layers
+        kept = f"first {layers} of {depth}"
     try:
         model = AutoModelForSequenceClassification.from_pretrained(name, **kwargs)
     except Exception as e:
@@ -1127,9 +936,6 @@ def load_model(name, flag, num_labels, layers=None, attention="sdpa"):
                             f"labels and this task has {num_labels}: give a checkpoint without a "
                             f"head (a pre-trained model) or one fine-tuned on this task") from None
         raise UserError(f"could not load {flag} {name} ({one_line(e)})") from None
-    kept = depth
-    if layers:
-        kept = f"first {layers} of {depth}"
     size = model.num_parameters() / 1e6
     return model, f"{flag[2:]}: {kept} layers of {name} ({size:.1f}M parameters)"
 
@@ -1154,8 +960,9 @@ def linear_decay(step, total_steps):
 
 
 def compile_models(*models):
-    """torch.compile each model. The look-ahead keeps the student's graph for its real update
-    (retain_graph), which compiled backward functions with donated buffers refuse: donation off."""
+    """torch.compile each model. The look-ahead's backward pass through the student keeps its
+    graph for line 9 (retain_graph), which compiled backward functions that donate buffers may
+    refuse (torch 2.13 does not): donation off."""
     torch._functorch.config.donated_buffer = False
     for model in models:
         model.compile()
@@ -1167,9 +974,7 @@ def compile_models(*models):
 @torch.no_grad()
 def predict(model, loader, device):
     """The model's logits (fp32, on the CPU) for every batch of the loader, without dropout."""
-    logits = [forward(model, model_inputs(to_device(b, device)), dropout=False).cpu()
-              for b in loader]
-    return torch.cat(logits)
+    return torch.cat([forward(model, to_device(b, device), dropout=False).cpu() for b in loader])
 
 
 def compute_metrics(task, logits, labels):
@@ -1201,8 +1006,7 @@ def average_ranks(x):
     """Ranks from 1, tied values sharing their mean rank (Spearman's correlation is the Pearson
     correlation of these)."""
     _, position, counts = torch.unique(x, return_inverse=True, return_counts=True)
-    last_rank = counts.cumsum(0)
-    return (last_rank - (counts - 1) / 2)[position]
+    return (counts.cumsum(0) - (counts - 1) / 2)[position]
 
 
 def evaluate(model, dev, task, device):
@@ -1213,38 +1017,80 @@ def evaluate(model, dev, task, device):
     for i, (loader, labels) in enumerate(dev.values()):
         logits = predict(model, loader, device)
         metrics = compute_metrics(task, logits, labels)
+        prefix = "mm_"
         if i == 0:
+            prefix = ""
             out["score"] = sum(metrics.values()) / len(metrics)
-            collapsed = single_class(task, logits)
-        prefix = "mm_" if i > 0 else ""
+            classes = logits.argmax(-1).unique().tolist()
+            if task.labels and len(classes) == 1:
+                collapsed = task.labels[classes[0]]
         out.update({prefix + name: value for name, value in metrics.items()})
     return out, collapsed
 
 
-def single_class(task, logits):
-    """The label predicted for every example, or None (also for regression)."""
-    if not task.labels:
-        return None
-    classes = logits.argmax(-1).unique().tolist()
-    if len(classes) > 1:
-        return None
-    return task.labels[classes[0]]
+# == 6. Processes (torchrun) and the run: its folder, stage 1, stage 2 ========================
 
 
-# == 6. The training loop: stage 1 (kd, meta: fine-tune the teacher), stage 2, the run folder ==
-
-def process_rank():
+def rank():
     """This process's rank under torchrun; 0 in a plain run."""
-    if dist.is_available() and dist.is_initialized():
+    if distributed():
         return dist.get_rank()
     return 0
 
 
 def world_size():
-    """The number of processes under torchrun; 1 in a plain run."""
-    if dist.is_available() and dist.is_initialized():
+    if distributed():
         return dist.get_world_size()
     return 1
+
+
+def start_processes(device):
+    """Under torchrun (which sets RANK, LOCAL_RANK and WORLD_SIZE), joins its process group:
+    NCCL on CUDA, each process on the GPU of its LOCAL_RANK, or gloo on CPU. Returns this
+    process's device."""
+    if "RANK" not in os.environ:
+        return device
+    if device == "cuda":
+        device = f"cuda:{os.environ['LOCAL_RANK']}"
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", device_id=torch.device(device))
+    else:
+        dist.init_process_group("gloo")
+    return device
+
+
+def end_processes():
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def together(step, *args):
+    """step(*args) on every process; if it fails on any, it fails on all with the first
+    failure's message, so that none waits for the others in vain. step must run no collective
+    (one process may fail before it)."""
+    if not distributed():
+        return step(*args)
+    result = None
+    failure = None
+    try:
+        result = step(*args)
+    except UserError as e:
+        failure = str(e)
+    failures = [None] * world_size()
+    dist.all_gather_object(failures, failure)
+    for failure in failures:
+        if failure is not None:
+            raise UserError(failure)
+    return result
+
+
+def same_start_everywhere(seed, *models):
+    """Rank 0's weights on every process, as DistributedDataParallel would start, and dropout
+    seeded differently on each."""
+    for model in models:
+        for tensor in model.state_dict().values():
+            dist.broadcast(tensor, 0)
+    torch.manual_seed(seed + rank())
 
 
 def row_parts(batch, parts):
@@ -1254,28 +1100,17 @@ def row_parts(batch, parts):
     return [{key: value[rows] for key, value in batch.items()} for rows in pieces if len(rows)]
 
 
-def shard(batch):
-    """This process's rows of a batch that every process holds whole (there are at least as
-    many rows as processes: too_few_to_share)."""
-    return row_parts(batch, world_size())[process_rank()]
+def share(batch, device, accumulation):
+    """This process's rows of a batch that every process reads whole, on the device, as its
+    micro-batches (an epoch's last batch has a row for each process: too_few_to_share)."""
+    mine = to_device(row_parts(batch, world_size())[rank()], device)
+    return row_parts(mine, accumulation)
 
 
-def split_rows(batch, parts):
-    """The batch as micro-batches, or the batch itself for one part."""
-    if parts == 1:
-        return batch
-    return row_parts(batch, parts)
-
-
-def average_gradients(model, rows):
-    """Each parameter's .grad becomes that of the whole batch, over all processes."""
-    params = list(model.parameters())
-    for p, g in zip(params, global_mean([p.grad for p in params], rows)):
-        p.grad = g
-
-
-RUN_FILES = ("metrics.json", "train_log.jsonl", "student", "teacher", "teacher_finetuned",
-             "predictions")
+def too_few_to_share(rows):
+    """Whether an epoch's last batch of this many rows is left out: under torchrun, when it has
+    fewer rows than there are processes."""
+    return 0 < rows < world_size()
 
 
 @dataclasses.dataclass
@@ -1283,6 +1118,7 @@ class RunData:
     """What a run reads, ready for its loop."""
 
     task: Task
+    device: str
     train: torch.utils.data.DataLoader
     feedback: torch.utils.data.DataLoader | None  # meta and lgtm only
     dev: dict  # split -> (loader, labels)
@@ -1292,15 +1128,20 @@ class RunData:
     feedback_size: int
 
 
+RUN_FILES = ("metrics.json", "train_log.jsonl", "student", "teacher", "teacher_finetuned",
+             "predictions")
+
+
 class Run:
     """The run's folder: metrics.json (rewritten at each evaluation, so that a stopped run keeps
     its history), train_log.jsonl (each step's losses, and w with their rows), student/ (the
-    best), teacher/ (the last), teacher_finetuned/ (stage 1) and predictions/."""
+    best), teacher/ (the last), teacher_finetuned/ (stage 1) and predictions/. Under torchrun
+    rank 0 alone prints and writes."""
 
     def __init__(self, args, tokenizer):
         self.dir = args.output_dir
         self.tokenizer = tokenizer
-        self.writes = process_rank() == 0  # under torchrun, rank 0 alone prints and writes
+        self.writes = rank() == 0
         self.ratios = []
         self.log_file = None
         if self.writes:
@@ -1331,18 +1172,22 @@ class Run:
         if self.writes:
             self.log_file.writelines(json.dumps(record) + "\n" for record in records)
             self.log_file.flush()
-        check_finite(records)
+        for record in records:
+            for key, value in record.items():
+                if "loss" in key and not math.isfinite(value):
+                    raise UserError(f"stopped: the {key.replace('_', ' ')} is {value} at step "
+                                    f"{record['step']}; is a learning rate too high? "
+                                    f"(--student-lr, --teacher-lr, --finetune-lr)")
         return records
 
     def save(self, status=None):
         """metrics.json, replaced whole (a reader never sees half of it)."""
         if status is not None:
             self.metrics["status"] = status
-        if not self.writes:
-            return
-        temporary = self.dir / "metrics.json.tmp"
-        temporary.write_text(json.dumps(self.metrics, indent=2, default=str))
-        temporary.replace(self.dir / "metrics.json")
+        if self.writes:
+            temporary = self.dir / "metrics.json.tmp"
+            temporary.write_text(json.dumps(self.metrics, indent=2, default=str))
+            temporary.replace(self.dir / "metrics.json")
 
     def checkpoint(self, model, name):
         if self.writes:
@@ -1365,23 +1210,13 @@ class Run:
             self.log_file.close()
 
 
-def check_finite(records):
-    for record in records:
-        for key, value in record.items():
-            if "loss" in key and not math.isfinite(value):
-                raise UserError(f"stopped: the {key.replace('_', ' ')} is {value} at step "
-                                f"{record['step']}; is a learning rate too high? "
-                                f"(--student-lr, --teacher-lr, --finetune-lr)")
-
-
 def fmt(metrics):
     return " ".join(f"{name}={value:.4f}" for name, value in metrics.items())
 
 
-def mixed_precision(args):
+def autocast(device, precision):
     """bf16 autocast for --precision bf16; otherwise nothing."""
-    device_type = torch.device(args.device).type
-    return torch.autocast(device_type, torch.bfloat16, enabled=args.precision == "bf16")
+    return torch.autocast(torch.device(device).type, torch.bfloat16, enabled=precision == "bf16")
 
 
 def stage_steps(batches_per_epoch, epochs, max_steps):
@@ -1397,17 +1232,18 @@ def finetune_teacher(teacher, data, args, run):
     from tqdm import tqdm
     total = stage_steps(len(data.train), args.teacher_epochs, args.max_steps)
     optimizer, scheduler = make_optimizer(teacher, args.finetune_lr, total)
+    params = list(trainable(teacher).values())
     batches = forever(data.train)
-    for _ in tqdm(range(total), "stage 1: teacher", disable=process_rank() > 0):
-        batch = to_device(shard(next(batches)), args.device)  # this process's share
-        optimizer.zero_grad(set_to_none=True)
-        parts = row_parts(batch, args.gradient_accumulation_steps)
-        for part, share in zip(parts, row_weights(parts)):
-            with mixed_precision(args):
-                logits = forward(teacher, model_inputs(part), dropout=True)
-                loss = share * ground_truth_loss(logits, part["labels"]).mean()
-            loss.backward()
-        average_gradients(teacher, len(batch["labels"]))
+
+    def label_loss(batch):
+        logits = forward(teacher, batch, dropout=True)
+        return ground_truth_loss(logits, batch["labels"]).mean()
+
+    for _ in tqdm(range(total), "stage 1: teacher", disable=rank() > 0):
+        parts = share(next(batches), args.device, args.gradient_accumulation_steps)
+        with autocast(args.device, args.precision):
+            grads, _ = batch_gradient(label_loss, parts, params)
+        set_grad(params, grads)
         optimizer.step()
         scheduler.step()
     metrics, collapsed = evaluate(teacher, data.dev, data.task, args.device)
@@ -1426,15 +1262,11 @@ def train_loop(teacher, student, data, args, opts, run):
     total = stage_steps(len(data.train), args.epochs, args.max_steps)
     teacher_optimizer, teacher_scheduler = make_optimizer(teacher, args.teacher_lr, total)
     student_optimizer, student_scheduler = make_optimizer(student, args.student_lr, total)
-    schedulers = [teacher_scheduler, student_scheduler]
-    if args.method == "kd":  # the kd teacher is frozen
-        schedulers = [student_scheduler]
-    distill_step = STEPS[args.method]
     feedback = None
     if data.feedback is not None:
         feedback = forever(data.feedback)
     eval_steps = args.eval_steps or len(data.train)
-    progress = tqdm(total=total, desc=args.method, disable=process_rank() > 0)
+    progress = tqdm(total=total, desc=args.method, disable=rank() > 0)
     pending = []  # the steps whose losses are still on the device
     seconds = 0.0
     seen = 0
@@ -1442,82 +1274,76 @@ def train_loop(teacher, student, data, args, opts, run):
         for step, batch in zip(range(1, total + 1), forever(data.train)):
             started = time.perf_counter()
             seen += len(batch["labels"])
-            batch = shard(batch)  # this process's share of the batch
-            rows = batch.pop("idx")
-            batch = split_rows(to_device(batch, args.device), args.gradient_accumulation_steps)
+            batch = share(batch, args.device, args.gradient_accumulation_steps)
             feedback_batch = None
             if feedback is not None:
-                feedback_batch = to_device(shard(next(feedback)), args.device)
-                feedback_batch = split_rows(feedback_batch, args.gradient_accumulation_steps)
-            with mixed_precision(args):
-                out = distill_step(teacher, student, teacher_optimizer, student_optimizer, batch,
-                                   feedback_batch, opts)
+                feedback_batch = share(next(feedback), args.device,
+                                       args.gradient_accumulation_steps)
+            with autocast(args.device, args.precision):
+                out = STEPS[args.method](teacher, student, teacher_optimizer, student_optimizer,
+                                         batch, feedback_batch, opts)
+            rows = torch.cat([part["idx"] for part in batch])
             pending.append((step, student_optimizer.param_groups[0]["lr"], rows, out))
-            for scheduler in schedulers:
-                scheduler.step()
+            student_scheduler.step()
+            if args.method != "kd":  # the kd teacher is frozen
+                teacher_scheduler.step()
             evaluating = step % eval_steps == 0 or step == total
             if step % args.logging_steps == 0 or evaluating:
-                finished, pending = pending, []
-                records = run.log(finished)
+                records = run.log(pending)
+                pending = []
                 progress.set_postfix(student_loss=f"{records[-1]['student_loss']:.4f}")
             seconds += time.perf_counter() - started
             progress.update()
             if evaluating:
-                evaluate_both(step, teacher, student, data, args, opts, run, student_optimizer)
+                evaluate_both(step, teacher, student, data, opts, run, student_optimizer)
     finally:
         run.log(pending)  # the steps finished since the last read, also when stopped
         progress.close()
     run.checkpoint(teacher, "teacher")
     run.metrics["steps"] = total
     run.metrics["train_samples_per_s"] = seen / seconds
-    run.metrics["influence_aux_ratio"] = summary(run.ratios)
+    run.metrics["influence_aux_ratio"] = None
+    if run.ratios:
+        ratios = sorted(run.ratios)
+        run.metrics["influence_aux_ratio"] = {"median": ratios[len(ratios) // 2],
+                                              "min": ratios[0], "max": ratios[-1]}
 
 
-def summary(values):
-    """The median, min and max of some numbers, or None for none."""
-    if not values:
-        return None
-    ordered = sorted(values)
-    return {"median": ordered[len(ordered) // 2], "min": ordered[0], "max": ordered[-1]}
-
-
-def evaluate_both(step, teacher, student, data, args, opts, run, student_optimizer):
+def evaluate_both(step, teacher, student, data, opts, run, student_optimizer):
     """Both models on dev (a warning for one that collapsed to one class), the best student
     kept, and the probe set's w_i and P(gold)."""
     entry = {"step": step, "epoch": round(step / len(data.train), 3)}
     for name, model in (("student", student), ("teacher", teacher)):
-        entry[name], collapsed = evaluate(model, data.dev, data.task, args.device)
+        entry[name], collapsed = evaluate(model, data.dev, data.task, data.device)
         if collapsed is not None:
             entry.setdefault("collapsed", []).append(name)
             run.note(f"step {step}: the {name} predicts '{collapsed}' for every dev example (it "
                      f"has collapsed to one class)", warning=True)
     if data.probe is not None:
-        entry["probe"] = probe_influence(teacher, student, student_optimizer, data.probe, opts,
-                                         args.device)
+        entry["probe"] = probe(teacher, student, student_optimizer, data.probe, opts)
     run.record_evaluation(entry, student)
 
 
-def probe_influence(teacher, student, student_optimizer, probe, opts, device):
-    """w_i of the probe set's fixed training examples, and the probability that teacher and
-    student give their gold label (the paper's figures 3 and 4). The run's random numbers are
-    left as they were, so a probed run trains as an unprobed one."""
-    batch, feedback_batch = probe
+def probe(teacher, student, student_optimizer, batches, opts):
+    """w_i of the probe set's fixed training examples (lines 2-7: teacher_gradient), and the
+    probability that teacher and student give their gold label (the paper's figures 3 and 4).
+    The random numbers and the teacher's .grad are left as they were: a probed run trains as an
+    unprobed one."""
+    batch, feedback_batch = batches
+    grads = [p.grad for p in teacher.parameters()]
     devices = []
-    if torch.device(device).type == "cuda":
-        devices = [device]
+    if batch["labels"].is_cuda:
+        devices = [batch["labels"].device]
     with torch.random.fork_rng(devices):
-        lookahead = lookahead_influence(teacher, student, student_optimizer, batch,
-                                        feedback_batch, opts)
-    with torch.no_grad():
-        student_logits = forward(student, model_inputs(batch), dropout=False)
-    labels = batch["labels"]
-    return {"w": lookahead.w.tolist(),
-            "teacher_p_gold": gold_probability(lookahead.teacher_targets.detach(), labels),
-            "student_p_gold": gold_probability(student_logits, labels)}
-
-
-def gold_probability(logits, labels):
-    return logits.softmax(-1).gather(-1, labels[:, None]).squeeze(-1).tolist()
+        update = teacher_gradient(teacher, student, student_optimizer, batch, feedback_batch,
+                                  opts, aux=False)
+    set_grad(teacher.parameters(), grads)
+    found = {"w": update.logs["w"].tolist()}
+    for name, model in (("teacher", teacher), ("student", student)):
+        with torch.no_grad():
+            p_gold = forward(model, batch, dropout=False).softmax(-1)
+        found[f"{name}_p_gold"] = p_gold.gather(-1, batch["labels"][:, None])[:, 0].tolist()
+    return found
 
 
 # == 7. The command line ======================================================================
@@ -1528,6 +1354,7 @@ EXAMPLE = """example, offline, on the shipped sample (README.md's first run has 
 """
 EXIT_CODES = {"Ctrl-C": 130, "SIGTERM": 143}
 MATMUL_PRECISION = {"fp32": "highest", "tf32": "high", "bf16": "high"}
+RECIPE_DEFAULTS = {"distill_loss": "ce; stsb: mse", "teacher_max_grad_norm": "0; meta: 1"}
 
 
 def number(kind, ok, expected):
@@ -1543,28 +1370,23 @@ def number(kind, ok, expected):
     return parse
 
 
+POSITIVE = number(float, lambda x: x > 0, "> 0")
+COUNT = number(int, lambda x: x > 0, "> 0")
+NONNEGATIVE = number(float, lambda x: x >= 0, ">= 0")
+
+
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
     """Each default shown once: none for a flag without one, none where the help says it."""
 
     def _get_help_string(self, action):
-        if action.default is None or isinstance(action.default, bool):
-            return action.help
-        if "default" in action.help:
+        if action.default is None or isinstance(action.default, bool) or "default" in action.help:
             return action.help
         return super()._get_help_string(action)
 
 
 def parse_args(argv=None):
+    """The flags, checked and with every default resolved: nothing later reads a None."""
     gpus = torch.cuda.device_count()
-    parser = build_parser(gpus)
-    args = parser.parse_args(argv)
-    check_flags(parser, args)
-    resolve_defaults(args, gpus)
-    return args
-
-
-def build_parser(gpus):
-    """The flags, in groups; their help speaks of CUDA only where there is a CUDA device."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=EXAMPLE,
                                      formatter_class=HelpFormatter)
     add_data_flags(parser.add_argument_group("data"))
@@ -1572,13 +1394,10 @@ def build_parser(gpus):
     add_method_flags(parser.add_argument_group("method"))
     add_optimisation_flags(parser.add_argument_group("optimisation"))
     add_run_flags(parser.add_argument_group("run"))
-    return parser
-
-
-POSITIVE = number(float, lambda x: x > 0, "> 0")
-COUNT = number(int, lambda x: x > 0, "> 0")
-FRACTION = number(float, lambda x: 0 <= x <= 1, "in [0, 1]")
-NONNEGATIVE = number(float, lambda x: x >= 0, ">= 0")
+    args = parser.parse_args(argv)
+    check_flags(parser, args)
+    resolve_defaults(args, gpus)
+    return args
 
 
 def add_data_flags(group):
@@ -1616,23 +1435,23 @@ def add_model_flags(group, gpus):
 
 
 def add_method_flags(group):
-    group.add_argument("--method", choices=STEPS, default="lgtm",
+    """--method, and a flag for each field of Options: its meaning, the methods that read it and
+    the values it allows, as Options checks them."""
+    group.add_argument("--method", choices=METHODS, default="lgtm",
                        help="kd, online, meta (MetaDistil) or lgtm")
-    group.add_argument("--influence", choices=("fd", "exact"), default="fd",
-                       help="line 7: finite differences or exact (forward mode)")
-    group.add_argument("--lookahead", choices=("sgd", "adamw"), default="sgd",
-                       help="lines 3-4: an SGD step, or the student's AdamW step")
-    group.add_argument("--fd-radius", type=POSITIVE, default=0.01,
-                       help="r: the FD step is ±(r / |v|) v")
-    group.add_argument("--influence-weight", type=NONNEGATIVE, default=1.0,
-                       help="meta, lgtm: λ times the influence term")
-    group.add_argument("--distill-loss", choices=("ce", "mse"), help="D (default: ce; stsb: mse)")
-    group.add_argument("--temperature", type=POSITIVE, default=1.0,
-                       help="T of the soft cross-entropy")
-    group.add_argument("--alpha", type=FRACTION, default=0.6,
-                       help="the teacher's label weight in L_aux (eq. 11)")
-    group.add_argument("--student-alpha", type=FRACTION, default=0.0,
-                       help="the student's label weight in L_s (eq. 1)")
+    for field in dataclasses.fields(Options):
+        allowed = field.metadata["allowed"]
+        meaning = field.metadata["meaning"]
+        if field.metadata["methods"] != METHODS:
+            meaning = f"{', '.join(field.metadata['methods'])}: {meaning}"
+        default = RECIPE_DEFAULTS.get(field.name, field.default)
+        meaning += f" (default: {default})"
+        flag = "--" + field.name.replace("_", "-")
+        if isinstance(allowed, tuple):
+            group.add_argument(flag, choices=allowed, help=meaning)
+        else:
+            allowed_number = functools.partial(allows, allowed)
+            group.add_argument(flag, type=number(float, allowed_number, allowed), help=meaning)
 
 
 def add_optimisation_flags(group):
@@ -1640,9 +1459,6 @@ def add_optimisation_flags(group):
                        help="the student's learning rate")
     group.add_argument("--teacher-lr", type=POSITIVE, help="the teacher's learning rate in "
                        "stage 2 (default: meta 1e-5, as MetaDistil; the others 3e-5)")
-    group.add_argument("--teacher-max-grad-norm", type=NONNEGATIVE, help="online, meta, lgtm: "
-                       "clip the teacher's gradient to this norm; 0: never (default: meta 1, as "
-                       "MetaDistil; the others 0)")
     group.add_argument("--finetune-lr", type=POSITIVE, default=3e-5,
                        help="kd, meta: the teacher's learning rate in stage 1")
     group.add_argument("--batch-size", type=COUNT, default=32, help="training and feedback batch "
@@ -1684,10 +1500,11 @@ def check_flags(parser, args):
     if "LOCAL_RANK" in os.environ and args.device and args.device.startswith("cuda:"):
         parser.error("argument --device: under torchrun each process takes the GPU of its "
                      "LOCAL_RANK: pass --device cuda")
-    if args.influence_weight != 1 and args.method not in ("meta", "lgtm"):
-        parser.error("argument --influence-weight: applies to --method meta and lgtm only")
-    if args.teacher_max_grad_norm is not None and args.method == "kd":
-        parser.error("argument --teacher-max-grad-norm: the kd teacher is frozen in stage 2")
+    for field in dataclasses.fields(Options):
+        methods = field.metadata["methods"]
+        if getattr(args, field.name) is not None and args.method not in methods:
+            flag = "--" + field.name.replace("_", "-")
+            parser.error(f"argument {flag}: applies to --method {', '.join(methods)} only")
     if args.probe_samples and regression:
         parser.error("argument --probe-samples: needs classes")
     if args.distill_loss == "ce" and regression:
@@ -1696,24 +1513,29 @@ def check_flags(parser, args):
 
 
 def resolve_defaults(args, gpus):
-    """The defaults that depend on the machine or the method, written into args."""
+    """The defaults that depend on the machine, the task or the method, written into args."""
     if args.device is None:
         args.device = "cuda" if gpus else "cpu"
     if args.precision is None:
         args.precision = "fp32" if args.device == "cpu" else "tf32"
-    if args.distill_loss is None:
-        args.distill_loss = "mse" if not TASKS[args.task].labels else "ce"
+    if args.method == "meta" and args.teacher_lr is None:
+        args.teacher_lr = 1e-5  # MetaDistil's recipe
+    if args.method == "meta" and args.teacher_max_grad_norm is None:
+        args.teacher_max_grad_norm = 1.0  # MetaDistil's recipe
     if args.teacher_lr is None:
-        args.teacher_lr = 1e-5 if args.method == "meta" else 3e-5  # meta: MetaDistil's recipe
-    if args.teacher_max_grad_norm is None:
-        args.teacher_max_grad_norm = 1.0 if args.method == "meta" else 0.0  # MetaDistil's
+        args.teacher_lr = 3e-5
+    if args.distill_loss is None and not TASKS[args.task].labels:
+        args.distill_loss = "mse"  # regression: the soft cross-entropy needs classes
+    for field in dataclasses.fields(Options):  # the rest: Options' own defaults
+        if getattr(args, field.name) is None:
+            setattr(args, field.name, field.default)
 
 
 def main(argv=None):
     args = parse_args(argv)
     previous_handler = signal.signal(signal.SIGTERM, stop_on_sigterm)
     try:
-        start_processes(args)
+        args.device = start_processes(args.device)
         return run_experiment(args)
     except UserError as e:
         report(f"error: {e}")
@@ -1727,13 +1549,13 @@ def main(argv=None):
         end_processes()
 
 
+TERMINATED = []  # the SIGTERMs received: a collective that then fails was cut by one
+
+
 def stop_on_sigterm(signum, frame):
     """SIGTERM (timeout, SLURM, Kubernetes; torchrun passes it on) stops a run as Ctrl-C does."""
     TERMINATED.append(signum)
     raise KeyboardInterrupt("SIGTERM")
-
-
-TERMINATED = []  # the SIGTERMs received: a collective that then fails was cut by one
 
 
 def interrupt_cause(interrupt):
@@ -1745,26 +1567,8 @@ def interrupt_cause(interrupt):
 def report(message):
     """An error line on stderr; under torchrun from rank 0 alone (a failed start reaches every
     process with the same message: together)."""
-    if process_rank() == 0:
+    if rank() == 0:
         print(message, file=sys.stderr)
-
-
-def start_processes(args):
-    """Under torchrun (which sets RANK, LOCAL_RANK and WORLD_SIZE), joins its process group:
-    NCCL on CUDA, each process on the GPU of its LOCAL_RANK, or gloo on CPU. Else nothing."""
-    if "RANK" not in os.environ:
-        return
-    if args.device == "cuda":
-        args.device = f"cuda:{os.environ['LOCAL_RANK']}"
-        torch.cuda.set_device(args.device)
-        dist.init_process_group("nccl", device_id=torch.device(args.device))
-    else:
-        dist.init_process_group("gloo")
-
-
-def end_processes():
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
 
 
 def run_experiment(args):
@@ -1772,18 +1576,27 @@ def run_experiment(args):
     --output-dir goes, so that a failed start loses nothing; under torchrun, a failed start on
     any process ends all of them."""
     teacher, student, data, tokenizer, model_lines = together(load, args)
-    if world_size() > 1:  # no collective may run inside together's steps
-        same_weights_everywhere(teacher, student)
-        torch.manual_seed(args.seed + process_rank())  # dropout differs from process to process
+    if distributed():  # no collective may run inside together's steps
+        same_start_everywhere(args.seed, teacher, student)
     if args.compile:
         compile_models(teacher, student)
     run = together(start_run, args, tokenizer)
     try:
-        describe_run(run, args, data, *model_lines)
-        train(teacher, student, data, args, run)
+        describe_run(run, args, data, model_lines)
+        if args.method in ("kd", "meta") and args.teacher_epochs > 0:
+            finetune_teacher(teacher, data, args, run)
+        if args.method in ("online", "lgtm"):  # both heads start at zero (appendix F.1)
+            zero_classifier(teacher)
+            zero_classifier(student)
+        opts = Options(**{field.name: getattr(args, field.name) for field in
+                          dataclasses.fields(Options)})
+        train_loop(teacher, student, data, args, opts, run)
         if args.predict:
-            write_predictions(args, data, run)
-        finish(run)
+            write_predictions(data, run)
+        best = run.metrics["best"]
+        run.note(f"best student (step {best['step']}): {fmt(best['student'])}; the teacher "
+                 f"then: {fmt(best['teacher'])}")
+        run.save(status="finished")
     except (UserError, OSError, KeyboardInterrupt) as e:
         raise stopped(run, e) from None
     except RuntimeError:  # under torchrun: a collective cut short by another process's SIGTERM
@@ -1795,35 +1608,16 @@ def run_experiment(args):
     return run.metrics
 
 
-def together(step, *args):
-    """step(*args) on every process; if it fails on any, it fails on all with the first
-    failure's message, so that none waits for the others in vain. step must run no collective
-    (one process may fail before it). In a plain run: step(*args)."""
-    if world_size() == 1:
-        return step(*args)
-    result = None
-    failure = None
-    try:
-        result = step(*args)
-    except UserError as e:
-        failure = str(e)
-    failures = [None] * world_size()
-    dist.all_gather_object(failures, failure)
-    for failure in failures:
-        if failure is not None:
-            raise UserError(failure)
-    return result
-
-
 def load(args):
     """The run's data and models, on its device, checked; its folder made but not yet cleared."""
-    if process_rank() == 0:
-        prepare_output_dir(args)
+    import transformers
+    if rank() == 0:
+        prepare_output_dir(args.output_dir, args.overwrite)
     check_hub_access(hub_inputs(args))
     quiet_libraries()
     torch.set_float32_matmul_precision(MATMUL_PRECISION[args.precision])
     task = TASKS[args.task]
-    set_seed(args.seed)
+    transformers.set_seed(args.seed)
     splits = read_splits(args, task)
     tokenizer = load_tokenizer(args.teacher, args.student)
     teacher, teacher_line = load_model(args.teacher, "--teacher", task.num_labels)
@@ -1832,24 +1626,20 @@ def load(args):
         student_attention = "eager"  # forward mode needs it
     student, student_line = load_model(args.student, "--student", task.num_labels,
                                        args.student_layers, student_attention)
-    check_sequence_length(args, teacher, student)
+    positions = min(teacher.config.max_position_embeddings,
+                    student.config.max_position_embeddings)
+    if args.max_seq_length > positions:
+        raise UserError(f"--max-seq-length {args.max_seq_length}: the models have {positions} "
+                        f"positions; pass --max-seq-length {positions} or less")
     data = make_data(args, task, splits, tokenizer)
     teacher = teacher.to(args.device)
     student = student.to(args.device)
     return teacher, student, data, tokenizer, (teacher_line, student_line)
 
 
-def same_weights_everywhere(*models):
-    """Rank 0's weights on every process, as DistributedDataParallel would start."""
-    for model in models:
-        for tensor in model.state_dict().values():
-            dist.broadcast(tensor, 0)
-
-
-def prepare_output_dir(args):
+def prepare_output_dir(out, overwrite):
     """Makes --output-dir, empty, so that a location that cannot be written fails at once, and
     refuses one that holds a run unless --overwrite. The old run goes only in start_run."""
-    out = args.output_dir
     try:
         out.mkdir(parents=True, exist_ok=True)
         held = [name for name in RUN_FILES if (out / name).exists()]
@@ -1857,7 +1647,7 @@ def prepare_output_dir(args):
             raise PermissionError(f"{out} is no writable folder")
     except OSError as e:  # also a name too long for the file system
         raise UserError(f"--output-dir {out} cannot be written ({one_line(e)})") from None
-    if held and not args.overwrite:
+    if held and not overwrite:
         raise UserError(f"--output-dir {out} already holds a run ({', '.join(held)}): pass "
                         f"--overwrite to replace it, or choose another --output-dir")
 
@@ -1883,11 +1673,6 @@ def quiet_libraries():
     datasets.disable_progress_bars()
 
 
-def set_seed(seed):
-    import transformers
-    transformers.set_seed(seed)
-
-
 def read_splits(args, task):
     """Train (its first --max-train-samples), the feedback set, and the dev and test splits."""
     split_names = ["train", *task.dev_splits]
@@ -1897,25 +1682,17 @@ def read_splits(args, task):
     train = splits["train"]
     if args.max_train_samples is not None:
         train = train.select(range(min(args.max_train_samples, len(train))))
-    if args.feedback_split:  # the same training set for every method
-        train, feedback = split_feedback(train, args.feedback_split, args.seed)
-    else:
-        feedback = splits[task.dev_splits[0]]
     splits["train"] = train
-    splits["feedback"] = feedback
+    splits["feedback"] = splits[task.dev_splits[0]]
+    if args.feedback_split:  # the same training set for every method
+        splits["train"], splits["feedback"] = split_feedback(train, args.feedback_split,
+                                                             args.seed)
     return splits
 
 
-def check_sequence_length(args, teacher, student):
-    positions = min(teacher.config.max_position_embeddings,
-                    student.config.max_position_embeddings)
-    if args.max_seq_length > positions:
-        raise UserError(f"--max-seq-length {args.max_seq_length}: the models have {positions} "
-                        f"positions; pass --max-seq-length {positions} or less")
-
-
 def make_data(args, task, splits, tokenizer):
-    """The loaders of a run, and the probe set's batches on the device."""
+    """The loaders of a run, and the probe set's batches on the device: --probe-samples random
+    training examples, and the first feedback batch."""
     def loader(name, batch_size, shuffle=False):
         seed = args.seed + (name == "feedback")
         drop_last = shuffle and too_few_to_share(len(splits[name]) % batch_size)
@@ -1925,62 +1702,46 @@ def make_data(args, task, splits, tokenizer):
     feedback = None
     if args.method in ("meta", "lgtm"):
         feedback = loader("feedback", args.batch_size, shuffle=True)
-    dev = {}
-    for name in task.dev_splits:
-        dev[name] = (loader(name, args.eval_batch_size), list(splits[name]["label"]))
+    dev = {name: (loader(name, args.eval_batch_size), list(splits[name]["label"]))
+           for name in task.dev_splits}
     test = {}
     if args.predict:
-        for name in task.test_splits:
-            test[name] = (loader(name, args.eval_batch_size), list(splits[name]["idx"]))
-    probe = None
+        test = {name: (loader(name, args.eval_batch_size), list(splits[name]["idx"]))
+                for name in task.test_splits}
+    probe_set = None
     if args.probe_samples:
-        probe = probe_batches(args, splits, tokenizer)
-    return RunData(task, loader("train", args.batch_size, shuffle=True), feedback, dev, test,
-                   probe, len(splits["train"]), len(splits["feedback"]))
-
-
-def too_few_to_share(rows):
-    """Whether an epoch's last batch of this many rows must be dropped: under torchrun, when it
-    has fewer rows than there are processes (each needs one)."""
-    return 0 < rows < world_size()
-
-
-def probe_batches(args, splits, tokenizer):
-    """--probe-samples random training examples in one batch, and the first feedback batch."""
-    train = splits["train"]
-    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed))
-    rows = order[:args.probe_samples].sort().values.tolist()
-    probe = train.select(rows)
-    probe_loader = make_loader(probe, tokenizer, args.max_seq_length, len(probe))
-    first_rows = splits["feedback"].select(range(min(args.batch_size, len(splits["feedback"]))))
-    feedback_loader = make_loader(first_rows, tokenizer, args.max_seq_length, args.batch_size)
-    batch = to_device(next(iter(probe_loader)), args.device)
-    feedback_batch = to_device(next(iter(feedback_loader)), args.device)
-    return batch, feedback_batch
+        generator = torch.Generator().manual_seed(args.seed)
+        order = torch.randperm(len(splits["train"]), generator=generator)
+        rows = order[:args.probe_samples].sort().values.tolist()
+        splits["probe"] = splits["train"].select(rows)
+        splits["first feedback"] = splits["feedback"].select(
+            range(min(args.batch_size, len(splits["feedback"]))))
+        probe_set = (to_device(next(iter(loader("probe", args.probe_samples))), args.device),
+                     to_device(next(iter(loader("first feedback", args.batch_size))),
+                               args.device))
+    train = loader("train", args.batch_size, shuffle=True)
+    return RunData(task, args.device, train, feedback, dev, test, probe_set,
+                   len(splits["train"]), len(splits["feedback"]))
 
 
 def start_run(args, tokenizer):
     """Now that everything has loaded, the old run in --output-dir goes and the new one begins."""
-    out = args.output_dir
     try:
-        if process_rank() == 0:
-            clear_old_run(out)
+        if rank() == 0:
+            for path in (args.output_dir / name for name in RUN_FILES):
+                if path.is_dir():
+                    shutil.rmtree(path)
+                else:
+                    path.unlink(missing_ok=True)
         return Run(args, tokenizer)
     except OSError as e:
-        raise UserError(f"--output-dir {out} cannot be written ({one_line(e)})") from None
+        raise UserError(f"--output-dir {args.output_dir} cannot be written "
+                        f"({one_line(e)})") from None
 
 
-def clear_old_run(out):
-    for path in (out / name for name in RUN_FILES):
-        if path.is_dir():
-            shutil.rmtree(path)
-        else:
-            path.unlink(missing_ok=True)
-
-
-def describe_run(run, args, data, teacher_line, student_line):
-    """The run's first lines: the task, the models, where the feedback comes from."""
-    feeds_back = args.method in ("meta", "lgtm")
+def describe_run(run, args, data, model_lines):
+    """The run's first lines: the task, the models, the processes, where the feedback comes
+    from."""
     compiled = ""
     if args.compile:
         compiled = ", compiled"
@@ -1989,56 +1750,44 @@ def describe_run(run, args, data, teacher_line, student_line):
         run.metrics["probe_rows"] = data.probe[0]["idx"].tolist()
     run.note(f"task {data.task.name}: {data.train_size} training examples, method {args.method}, "
              f"device {args.device}, precision {args.precision}{compiled}")
-    run.note(teacher_line)
-    run.note(student_line)
-    if world_size() > 1:
-        run.note(f"data parallel: {world_size()} processes ({dist.get_backend()}), each taking "
-                 f"its share of every batch of {args.batch_size}")
-        shared = [("train", data.train_size)]
-        if data.feedback is not None:  # meta and lgtm only
-            shared.append(("feedback", data.feedback_size))
-        for name, size in shared:
-            if too_few_to_share(size % args.batch_size):
-                run.note(f"the last {size % args.batch_size} {name} examples of each epoch are "
-                         f"left out: fewer than the {world_size()} processes")
-    if args.feedback_split and feeds_back:
-        run.note(f"{data.feedback_size} examples held out of train (--feedback-split) feed back "
-                 f"to the teacher")
-    elif args.feedback_split:
-        run.note(f"{data.feedback_size} examples held out of train (--feedback-split) are "
-                 f"unused by {args.method}")
-    elif feeds_back:
+    for line in model_lines:
+        run.note(line)
+    if distributed():
+        describe_processes(run, data, args.batch_size)
+    uses = "are unused by " + args.method
+    if data.feedback is not None:
+        uses = "feed back to the teacher"
+    if args.feedback_split:
+        run.note(f"{data.feedback_size} examples held out of train (--feedback-split) {uses}")
+    elif data.feedback is not None:
         run.note("feedback batches z^e come from dev, as in the paper: dev is not held out")
     run.save()
 
 
-def train(teacher, student, data, args, run):
-    """Stage 1 where the method has one; the one-stage methods start both heads at zero."""
-    opts = Options(alpha=args.alpha, student_alpha=args.student_alpha,
-                   distill_loss=args.distill_loss, temperature=args.temperature,
-                   influence=args.influence, fd_radius=args.fd_radius, lookahead=args.lookahead,
-                   influence_weight=args.influence_weight,
-                   teacher_max_grad_norm=args.teacher_max_grad_norm)
-    if args.method in ("kd", "meta") and args.teacher_epochs > 0:
-        finetune_teacher(teacher, data, args, run)
-    if args.method in ("online", "lgtm"):
-        zero_classifier(teacher)
-        zero_classifier(student)
-    train_loop(teacher, student, data, args, opts, run)
+def describe_processes(run, data, batch_size):
+    run.note(f"data parallel: {world_size()} processes ({dist.get_backend()}), each taking its "
+             f"share of every batch of {batch_size}")
+    shared = {"train": data.train_size}
+    if data.feedback is not None:  # meta and lgtm only
+        shared["feedback"] = data.feedback_size
+    for name, size in shared.items():
+        if too_few_to_share(size % batch_size):
+            run.note(f"the last {size % batch_size} {name} examples of each epoch are left out: "
+                     f"fewer than the {world_size()} processes")
 
 
-def write_predictions(args, data, run):
+def write_predictions(data, run):
     """GLUE-server files <TASK>.tsv of index and prediction (the labels' names), by the best
     student, for each test split."""
-    if process_rank() > 0:
+    if rank() > 0:
         return
     task = data.task
-    best, _ = load_model(str(args.output_dir / "student"), "--student", task.num_labels)
-    best = best.to(args.device)
-    folder = args.output_dir / "predictions"
+    best, _ = load_model(str(run.dir / "student"), "--student", task.num_labels)
+    best = best.to(data.device)
+    folder = run.dir / "predictions"
     folder.mkdir()
     for split, (loader, ids) in data.test.items():
-        logits = predict(best, loader, args.device)
+        logits = predict(best, loader, data.device)
         if task.labels:
             predictions = [task.labels[i] for i in logits.argmax(-1).tolist()]
         else:
@@ -2050,34 +1799,24 @@ def write_predictions(args, data, run):
         run.note(f"wrote {path}")
 
 
-def finish(run):
-    best = run.metrics["best"]
-    run.note(f"best student (step {best['step']}): {fmt(best['student'])}; the teacher then: "
-             f"{fmt(best['teacher'])}")
-    run.save(status="finished")
-
-
 def stopped(run, error):
     """The one-line error of a run stopped by bad input, a full disk or an interrupt, once
     metrics.json says how it ended."""
     code = 1
+    status = f"stopped: could not write ({one_line(error)})"
     if isinstance(error, KeyboardInterrupt):
         cause = interrupt_cause(error)
         status = f"interrupted ({cause})"
         code = EXIT_CODES.get(cause, 130)
     elif isinstance(error, UserError):
         status = str(error)
-    else:
-        status = f"stopped: could not write ({one_line(error)})"
     with contextlib.suppress(OSError):
         run.save(status=status)
     best = run.metrics["best"]
-    out = run.dir
-    if best is None:
-        kept = "no student was saved (no evaluation had finished)"
-    else:
-        kept = f"the best student so far (step {best['step']}) is in {out / 'student'}"
-    return UserError(f"{status}. {out}/metrics.json keeps the history; {kept}", code)
+    kept = "no student was saved (no evaluation had finished)"
+    if best is not None:
+        kept = f"the best student so far (step {best['step']}) is in {run.dir / 'student'}"
+    return UserError(f"{status}. {run.dir}/metrics.json keeps the history; {kept}", code)
 
 
 if __name__ == "__main__":

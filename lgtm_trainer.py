@@ -100,10 +100,8 @@ class LGTMTrainer(Trainer):
                 self.update_teacher(student)
             # Line 9: this micro-batch's share of the student's loss, against the new teacher.
             with torch.no_grad():
-                teacher_targets = lgtm.forward(self.teacher, lgtm.model_inputs(inputs),
-                                               dropout=False)
-            output = model(**lgtm.model_inputs(inputs))
-            student_logits = lgtm.upcast(lgtm.logits_of(output))
+                teacher_targets = lgtm.forward(self.teacher, inputs, dropout=False)
+            student_logits = lgtm.forward(model, inputs, dropout=True)
             share = len(inputs["labels"]) / self.step_rows
             loss = share * lgtm.student_loss(student_logits, teacher_targets, inputs["labels"],
                                              self.lgtm_options)
