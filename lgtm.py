@@ -234,6 +234,14 @@ def set_grad(params, grads):
         p.grad = g
 
 
+def check_fp32(student):
+    """The influence passes need fp32 (or fp64) weights: a step of r/||v|| vanishes in bf16."""
+    for name, p in trainable(student).items():
+        if p.dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"the student's {name} is {p.dtype}: the influence passes need fp32 "
+                             f"weights; keep fp32 weights and run the step under bf16 autocast")
+
+
 def check_models(teacher, student, *optimizers):
     """Refused before any update: fp16 autocast or an optimizer behind a GradScaler (the
     gradients here are not scaled), and two models of different vocabulary sizes."""
@@ -246,57 +254,18 @@ def check_models(teacher, student, *optimizers):
         if getattr(optimizer, "scaler", None) is not None:
             raise ValueError("an optimizer steps through a GradScaler (fp16), which the steps' "
                              "unscaled gradients do not take: use bf16 or fp32")
-    sizes = [model.get_input_embeddings().num_embeddings for model in (teacher, student)
-             if hasattr(model, "get_input_embeddings")]
-    if len(set(sizes)) > 1:
+    sizes = [vocabulary_size(teacher), vocabulary_size(student)]
+    if None not in sizes and sizes[0] != sizes[1]:
         raise ValueError(f"the teacher's vocabulary has {sizes[0]} ids and the student's "
                          f"{sizes[1]}: both models must read the same token ids (one tokenizer)")
 
 
-class Watch:
-    """Hooks on the student's modules while a block runs; afterwards, refuses what it found of
-    `check`: "autocast", a module run under autocast (a forward that turns it on by itself, as
-    accelerate's mixed precision or a decorator does), or "recomputed", a module run outside a
-    call of the student (in a backward pass: gradient checkpointing)."""
-
-    MESSAGES = {
-        "autocast": "the student's forward turns autocast on by itself (accelerate's mixed "
-                    "precision wraps it so, as Trainer with bf16 does), and the influence passes "
-                    "need fp32: step accelerator.unwrap_model(student, keep_fp32_wrapper=False) "
-                    "inside accelerator.autocast(), or take the autocast off its forward",
-        "recomputed": "the student recomputes its forward in the backward pass (gradient "
-                      "checkpointing), which would take v at θs, not at θs': turn it off for the "
-                      "student (model.gradient_checkpointing_disable())",
-    }
-
-    def __init__(self, student, check):
-        self.device_type = next(student.parameters()).device.type
-        self.check = check
-        self.found = False
-        self.calls = 0  # calls of the student itself under way
-        self.hooks = [student.register_forward_pre_hook(self.enter),
-                      student.register_forward_hook(self.leave)]
-        self.hooks += [m.register_forward_pre_hook(self.ran) for m in student.modules()]
-
-    def enter(self, module, args):
-        self.calls += 1
-
-    def leave(self, module, args, output):
-        self.calls -= 1
-
-    def ran(self, module, args):
-        found = {"autocast": torch.is_autocast_enabled(self.device_type),
-                 "recomputed": self.calls == 0}
-        self.found = self.found or found[self.check]
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, error, *details):
-        for hook in self.hooks:
-            hook.remove()
-        if self.found and error is None:
-            raise ValueError(self.MESSAGES[self.check])
+def vocabulary_size(model):
+    """The size of a model's input embedding, or None where it has none to tell."""
+    try:
+        return model.get_input_embeddings().num_embeddings
+    except (AttributeError, NotImplementedError):
+        return None
 
 
 def student_lr(optimizer, lookahead):
@@ -349,6 +318,59 @@ def look_ahead(params, grads, optimizer, lr, lookahead):
     return theta
 
 
+class Watch:
+    """Hooks on the student's modules while a block runs; afterwards, refuses what it found of
+    `check`: "autocast", a module run under autocast or returning fp16 or bf16 (a forward that
+    turns autocast on by itself, as accelerate's mixed precision or a decorator does), or
+    "recomputed", a module run outside a call of the student (in a backward pass: gradient
+    checkpointing)."""
+
+    MESSAGES = {
+        "autocast": "the student's forward turns autocast on by itself (accelerate's mixed "
+                    "precision wraps it so, as Trainer with bf16 does), and the influence passes "
+                    "need fp32: step accelerator.unwrap_model(student, keep_fp32_wrapper=False) "
+                    "inside accelerator.autocast(), or take the autocast off its forward",
+        "recomputed": "the student recomputes its forward in the backward pass (gradient "
+                      "checkpointing), which would take v at θs, not at θs': turn it off for the "
+                      "student (model.gradient_checkpointing_disable())",
+    }
+
+    def __init__(self, student, check):
+        self.device_type = next(student.parameters()).device.type
+        self.check = check
+        self.found = False
+        self.calls = 0  # calls of the student itself under way
+        self.hooks = [student.register_forward_pre_hook(self.enter),
+                      student.register_forward_hook(self.leave)]
+        for module in student.modules():
+            self.hooks.append(module.register_forward_pre_hook(self.ran))
+            self.hooks.append(module.register_forward_hook(self.returned))
+
+    def enter(self, module, args):
+        self.calls += 1
+
+    def leave(self, module, args, output):
+        self.calls -= 1
+
+    def ran(self, module, args):
+        found = {"autocast": torch.is_autocast_enabled(self.device_type),
+                 "recomputed": self.calls == 0}
+        self.found = self.found or found[self.check]
+
+    def returned(self, module, args, output):
+        low = isinstance(output, torch.Tensor) and output.dtype in (torch.float16, torch.bfloat16)
+        self.found = self.found or (self.check == "autocast" and low)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, error, *details):
+        for hook in self.hooks:
+            hook.remove()
+        if self.found and error is None:
+            raise ValueError(self.MESSAGES[self.check])
+
+
 def feedback_gradient(student, theta, feedback_batches):
     """(v = ∇θs L_val(θs'; z^e), L_val) at theta = θs' (line 6, eq. 5), with dropout. The
     student's buffers (a BatchNorm's statistics) are lent as copies: z^e leaves no trace."""
@@ -385,11 +407,6 @@ def influence_fd(student, v, batch, teacher_logits, sample_loss, radius=0.01):
     run without grad, without dropout (two masks would make the difference noise) and in strict
     fp32; θs itself is not touched. w keeps its graph to θt through teacher_logits."""
     params = trainable(student)
-    for name, p in params.items():
-        if p.dtype not in (torch.float32, torch.float64):
-            raise ValueError(f"the student's {name} is {p.dtype}: the finite differences need "
-                             f"fp32 weights (a step of r/||v|| vanishes in {p.dtype}); keep fp32 "
-                             f"weights and run the step under bf16 autocast instead")
     eps = radius / torch.nn.utils.get_total_norm(v).clamp_min(1e-30)  # v = 0: w = 0, not NaN
     plus = {name: p + eps * d for (name, p), d in zip(params.items(), v)}
     minus = {name: p - eps * d for (name, p), d in zip(params.items(), v)}
@@ -453,10 +470,19 @@ class TeacherGradient(NamedTuple):
     """What teacher_gradient leaves besides the teacher's .grad."""
 
     logs: dict  # teacher_loss, feedback_loss, w (this process's rows), influence_aux_ratio
-    v: list  # ∇θs L_val(θs'), line 6's direction
     student_grads: list  # ∇θs L_s at θs, the look-ahead's gradient (meta's student step)
     student_loss: torch.Tensor  # L_s at θs
     student_logits: torch.Tensor | None  # line 2's with their graph, if the batch came whole
+
+
+def distillation(teacher, student, batch, opts, student_logits=None):
+    """(L_s on a batch (eq. 1), the student's logits): the teacher's targets without dropout,
+    the student's logits given or from a forward with dropout."""
+    with torch.no_grad():
+        targets = forward(teacher, batch, dropout=False)
+    if student_logits is None:
+        student_logits = forward(student, batch, dropout=True)
+    return student_loss(student_logits, targets, batch["labels"], opts), student_logits
 
 
 def teacher_gradient(teacher, student, student_optimizer, batch, feedback_batch, opts=Options(),
@@ -467,22 +493,23 @@ def teacher_gradient(teacher, student, student_optimizer, batch, feedback_batch,
     the look-ahead and v are the whole batch's, w and the gradients are taken a micro-batch at a
     time. Under torchrun, call it on each process with its rows and the models unwrapped (no
     DistributedDataParallel): it averages over the processes itself."""
-    batches = micro_batches(batch, "batch")  # line 2: z^r
-    feedback_batches = micro_batches(feedback_batch, "feedback_batch")  # line 5: z^e
+    # Lines 2 and 5: the batches z^r and z^e, checked before anything runs.
+    batches = micro_batches(batch, "batch")
+    feedback_batches = micro_batches(feedback_batch, "feedback_batch")
     check_models(teacher, student, student_optimizer)
+    check_fp32(student)
     lr = student_lr(student_optimizer, opts.lookahead)
-    whole = len(batches) == 1
+    keep = aux and len(batches) == 1  # line 2's graph, for line 9 (lgtm_step)
     student_logits = []
 
-    def distillation(batch):  # L_s (eq. 1), the teacher's targets without dropout
-        with torch.no_grad():
-            targets = forward(teacher, batch, dropout=False)
-        student_logits.append(forward(student, batch, dropout=True))
-        return student_loss(student_logits[-1], targets, batch["labels"], opts)
+    def lookahead_loss(batch):
+        loss, logits = distillation(teacher, student, batch, opts)
+        student_logits.append(logits)
+        return loss
 
     # Lines 3-4: θs' = θs - ηs ∇θs L_s (eq. 2), new tensors; the student is not touched.
     params = trainable(student)
-    grads, loss = batch_gradient(distillation, batches, list(params.values()), whole)
+    grads, loss = batch_gradient(lookahead_loss, batches, list(params.values()), keep)
     theta = look_ahead(params, grads, student_optimizer, lr, opts.lookahead)
     # Line 6: v = ∇θs L_val(θs'; z^e), the direction of θs± = θs ± eps v.
     v, feedback_loss = feedback_gradient(student, theta, feedback_batches)
@@ -492,8 +519,9 @@ def teacher_gradient(teacher, student, student_optimizer, batch, feedback_batch,
         ws.append(influence(teacher, student, v, batch, opts))
         return influence_objective(ws[-1], lr, opts.student_alpha, opts.influence_weight)
 
+    # Line 8: ∇θt of the teacher's loss (eq. 11): the influence term's gradient, plus L_aux's.
     teacher_params = list(trainable(teacher).values())
-    term, objective = batch_gradient(influence_term, batches, teacher_params)
+    gradient, objective = batch_gradient(influence_term, batches, teacher_params)
     logs = {"teacher_loss": objective, "feedback_loss": feedback_loss,
             "w": torch.cat(ws).detach()}
     if aux:
@@ -503,17 +531,16 @@ def teacher_gradient(teacher, student, student_optimizer, batch, feedback_batch,
             logits = forward(teacher, batch, dropout=True)
             return teacher_aux_loss(logits, next(targets), batch["labels"], opts)
 
-        # Line 8: ∇θt (L_aux + the influence term), kept apart for the ratio logged.
         aux_grads, aux_value = batch_gradient(aux_loss, batches, teacher_params)
-        norms = [torch.nn.utils.get_total_norm(g) for g in (term, aux_grads)]
-        logs["influence_aux_ratio"] = norms[0] / norms[1]
+        norms = [torch.nn.utils.get_total_norm(g) for g in (gradient, aux_grads)]
+        logs["influence_aux_ratio"] = norms[0] / norms[1]  # kept apart for this ratio
         logs["teacher_loss"] = aux_value + objective
-        term = [a + b for a, b in zip(aux_grads, term)]
-    set_grad(teacher_params, term)
+        gradient = [a + b for a, b in zip(aux_grads, gradient)]
+    set_grad(teacher_params, gradient)
     kept = None
-    if whole:
+    if keep:
         kept = student_logits[0]
-    return TeacherGradient(logs, v, grads, loss, kept)
+    return TeacherGradient(logs, grads, loss, kept)
 
 
 def student_gradient(teacher, student, batch, opts=Options(), student_logits=None):
@@ -527,16 +554,11 @@ def student_gradient(teacher, student, batch, opts=Options(), student_logits=Non
     if student_logits is not None and len(batches) > 1:
         raise ValueError("student_logits are those of one whole batch, not of micro-batches")
 
-    def distillation(batch):
-        with torch.no_grad():
-            targets = forward(teacher, batch, dropout=False)
-        logits = student_logits
-        if logits is None:
-            logits = forward(student, batch, dropout=True)
-        return student_loss(logits, targets, batch["labels"], opts)
+    def update_loss(batch):
+        return distillation(teacher, student, batch, opts, student_logits)[0]
 
     params = list(trainable(student).values())
-    grads, loss = batch_gradient(distillation, batches, params)
+    grads, loss = batch_gradient(update_loss, batches, params)
     set_grad(params, grads)
     return loss
 
@@ -839,10 +861,43 @@ def to_device(batch, device):
     return {key: tensor.to(device, non_blocking=True) for key, tensor in batch.items()}
 
 
-def forever(loader):
-    """The loader's batches, epoch after epoch (reshuffled each time if it shuffles)."""
-    while True:
-        yield from loader
+class Batches:
+    """A loader's batches, epoch after epoch (reshuffled each time if it shuffles), and where it
+    stands: the shuffling generator's state as the epoch began, and the batches taken since,
+    which load_state_dict restores."""
+
+    def __init__(self, loader):
+        self.loader = loader
+        self.epoch = None
+        self.taken = 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self.epoch is None:
+            self.start_epoch(self.loader.generator.get_state())
+        batch = next(self.batches, None)
+        if batch is None:  # the epoch ended
+            self.start_epoch(self.loader.generator.get_state())
+            batch = next(self.batches)
+        self.taken += 1
+        return batch
+
+    def start_epoch(self, generator_state, taken=0):
+        self.loader.generator.set_state(generator_state)
+        self.epoch = generator_state
+        self.batches = iter(self.loader)
+        for _ in range(taken):
+            next(self.batches)
+        self.taken = taken
+
+    def state_dict(self):
+        return {"epoch": self.epoch, "taken": self.taken}
+
+    def load_state_dict(self, state):
+        if state["epoch"] is not None:
+            self.start_epoch(state["epoch"], state["taken"])
 
 
 # == 4. Models: Hub names or local folders, fp32 master weights, one line of report each ======
@@ -1129,7 +1184,8 @@ class RunData:
 
 
 RUN_FILES = ("metrics.json", "train_log.jsonl", "student", "teacher", "teacher_finetuned",
-             "predictions")
+             "predictions", "state.pt")
+PREVIOUS = "previous-run"  # where --overwrite keeps the old run until the new one saves a state
 
 
 class Run:
@@ -1138,16 +1194,23 @@ class Run:
     best), teacher/ (the last), teacher_finetuned/ (stage 1) and predictions/. Under torchrun
     rank 0 alone prints and writes."""
 
-    def __init__(self, args, tokenizer):
+    def __init__(self, args, tokenizer, state=None):
         self.dir = args.output_dir
         self.tokenizer = tokenizer
         self.writes = rank() == 0
         self.ratios = []
         self.log_file = None
-        if self.writes:
-            self.log_file = open(self.dir / "train_log.jsonl", "w")
         self.metrics = {"args": dict(vars(args)), "status": "running", "notes": [],
                         "warnings": [], "history": [], "best": None}
+        if state is not None:
+            self.ratios = state["ratios"]
+            self.metrics = {**state["metrics"], "args": dict(vars(args)), "status": "running"}
+        if self.writes:
+            kept = []  # the log of the steps that a resumed run does not take again
+            if state is not None:
+                kept = logged_until(self.dir / "train_log.jsonl", state)
+            self.log_file = open(self.dir / "train_log.jsonl", "w")
+            self.log_file.writelines(kept)
 
     def note(self, message, warning=False):
         """Prints a line above the progress bar and keeps it in metrics.json."""
@@ -1186,8 +1249,11 @@ class Run:
             self.metrics["status"] = status
         if self.writes:
             temporary = self.dir / "metrics.json.tmp"
-            temporary.write_text(json.dumps(self.metrics, indent=2, default=str))
-            temporary.replace(self.dir / "metrics.json")
+            try:
+                temporary.write_text(json.dumps(self.metrics, indent=2, default=str))
+                temporary.replace(self.dir / "metrics.json")
+            finally:
+                temporary.unlink(missing_ok=True)
 
     def checkpoint(self, model, name):
         if self.writes:
@@ -1210,8 +1276,94 @@ class Run:
             self.log_file.close()
 
 
+def logged_until(path, state):
+    """The lines of train_log.jsonl up to the step of a saved state (none for stage 1's)."""
+    last = 0
+    if state["stage"] == 2:
+        last = state["step"]
+    lines = []
+    if path.is_file():
+        lines = path.read_text().splitlines(keepends=True)
+    return [line for line in lines if json.loads(line)["step"] <= last]
+
+
 def fmt(metrics):
     return " ".join(f"{name}={value:.4f}" for name, value in metrics.items())
+
+
+TERMINATED = []  # the SIGTERMs received
+IN_LOOP = []  # while a training loop runs, a SIGTERM stops it after its step
+
+
+def stop_on_sigterm(signum, frame):
+    """SIGTERM (timeout, SLURM, Kubernetes; torchrun passes it on): a training loop stops after
+    the step under way and saves its state; elsewhere, or at a second SIGTERM, the run stops
+    at once, as Ctrl-C stops it."""
+    TERMINATED.append(signum)
+    if not IN_LOOP or len(TERMINATED) > 1:
+        raise KeyboardInterrupt("SIGTERM")
+
+
+@contextlib.contextmanager
+def stops_after_a_step():
+    IN_LOOP.append(True)
+    try:
+        yield
+    finally:
+        IN_LOOP.pop()
+
+
+def stop_asked(step, args):
+    """At each --logging-steps, whether a SIGTERM reached any process: under torchrun they
+    agree, so that all stop after the same step."""
+    if step % args.logging_steps != 0:
+        return False
+    asked = torch.tensor([float(len(TERMINATED))], device=args.device)
+    if distributed():
+        dist.all_reduce(asked, op=dist.ReduceOp.MAX)
+    return bool(asked.item() > 0)
+
+
+STATE = "state.pt"
+
+
+def save_state(run, stage, step, parts):
+    """What --resume continues from, at the end of a step: parts (name -> models, optimizers,
+    schedulers and batch streams, each with a state_dict), every process's random state and the
+    run's record so far. state.pt is replaced whole: a stop while writing leaves the last one.
+    The first state of a run that replaced another (--overwrite) removes that one."""
+    randomness = [torch.get_rng_state()]
+    if torch.cuda.is_available():
+        randomness.append(torch.cuda.get_rng_state())
+    every_process = [randomness]
+    if distributed():
+        every_process = [None] * world_size()
+        dist.all_gather_object(every_process, randomness)
+    if not run.writes:
+        return
+    state = {name: part.state_dict() for name, part in parts.items()}
+    record = json.loads(json.dumps(run.metrics, default=str))
+    state.update(stage=stage, step=step, random=every_process, processes=world_size(),
+                 metrics=record, ratios=run.ratios)
+    temporary = run.dir / (STATE + ".tmp")
+    try:
+        torch.save(state, temporary)
+        temporary.replace(run.dir / STATE)
+    finally:
+        temporary.unlink(missing_ok=True)
+    run.save()
+    shutil.rmtree(run.dir / PREVIOUS, ignore_errors=True)
+
+
+def restore(state, parts):
+    """The saved parts and this process's random state, back; returns the step saved."""
+    for name, part in parts.items():
+        part.load_state_dict(state[name])
+    randomness = state["random"][rank()]
+    torch.set_rng_state(randomness[0].cpu())
+    if len(randomness) > 1:
+        torch.cuda.set_rng_state(randomness[1].cpu())
+    return state["step"]
 
 
 def autocast(device, precision):
@@ -1227,25 +1379,36 @@ def stage_steps(batches_per_epoch, epochs, max_steps):
     return steps
 
 
-def finetune_teacher(teacher, data, args, run):
-    """Stage 1 of the two-stage methods (kd, meta): the teacher learns the labels alone."""
+def finetune_teacher(teacher, data, args, run, state=None):
+    """Stage 1 of the two-stage methods (kd, meta): the teacher learns the labels alone; from a
+    saved state of stage 1 where there is one."""
     from tqdm import tqdm
     total = stage_steps(len(data.train), args.teacher_epochs, args.max_steps)
     optimizer, scheduler = make_optimizer(teacher, args.finetune_lr, total)
     params = list(trainable(teacher).values())
-    batches = forever(data.train)
+    parts = {"teacher": teacher, "teacher_optimizer": optimizer, "teacher_scheduler": scheduler,
+             "train": Batches(data.train)}
+    first = 1
+    if state is not None:
+        first = restore(state, parts) + 1
 
     def label_loss(batch):
         logits = forward(teacher, batch, dropout=True)
         return ground_truth_loss(logits, batch["labels"]).mean()
 
-    for _ in tqdm(range(total), "stage 1: teacher", disable=rank() > 0):
-        parts = share(next(batches), args.device, args.gradient_accumulation_steps)
-        with autocast(args.device, args.precision):
-            grads, _ = batch_gradient(label_loss, parts, params)
-        set_grad(params, grads)
-        optimizer.step()
-        scheduler.step()
+    with stops_after_a_step():
+        for step in tqdm(range(first, total + 1), "stage 1: teacher", disable=rank() > 0):
+            batches = share(next(parts["train"]), args.device, args.gradient_accumulation_steps)
+            with autocast(args.device, args.precision):
+                grads, _ = batch_gradient(label_loss, batches, params)
+            set_grad(params, grads)
+            optimizer.step()
+            scheduler.step()
+            stopping = stop_asked(step, args)
+            if step == total or stopping:
+                save_state(run, 1, step, parts)
+            if stopping:
+                raise KeyboardInterrupt("SIGTERM")
     metrics, collapsed = evaluate(teacher, data.dev, data.task, args.device)
     run.metrics["teacher_finetuned"] = metrics
     message = f"fine-tuned teacher after {total} steps: {fmt(metrics)}"
@@ -1255,58 +1418,75 @@ def finetune_teacher(teacher, data, args, run):
     run.checkpoint(teacher, "teacher_finetuned")
 
 
-def train_loop(teacher, student, data, args, opts, run):
+def train_loop(teacher, student, data, args, opts, run, state=None):
     """Stage 2: a step of --method per batch; the losses read from the device every
-    --logging-steps, both models evaluated every --eval-steps and at the end."""
+    --logging-steps, both models evaluated every --eval-steps and at the end, the state saved
+    then (and on SIGTERM); from a saved state of stage 2 where there is one."""
     from tqdm import tqdm
     total = stage_steps(len(data.train), args.epochs, args.max_steps)
     teacher_optimizer, teacher_scheduler = make_optimizer(teacher, args.teacher_lr, total)
     student_optimizer, student_scheduler = make_optimizer(student, args.student_lr, total)
-    feedback = None
+    parts = {"teacher": teacher, "student": student, "teacher_optimizer": teacher_optimizer,
+             "student_optimizer": student_optimizer, "teacher_scheduler": teacher_scheduler,
+             "student_scheduler": student_scheduler, "train": Batches(data.train)}
     if data.feedback is not None:
-        feedback = forever(data.feedback)
+        parts["feedback"] = Batches(data.feedback)
+    first = 1
+    if state is not None:
+        first = restore(state, parts) + 1
     eval_steps = args.eval_steps or len(data.train)
-    progress = tqdm(total=total, desc=args.method, disable=rank() > 0)
+    progress = tqdm(range(first, total + 1), desc=args.method, disable=rank() > 0)
     pending = []  # the steps whose losses are still on the device
-    seconds = 0.0
-    seen = 0
+    seconds = 0.0  # in the steps, evaluations left out
     try:
-        for step, batch in zip(range(1, total + 1), forever(data.train)):
-            started = time.perf_counter()
-            seen += len(batch["labels"])
-            batch = share(batch, args.device, args.gradient_accumulation_steps)
-            feedback_batch = None
-            if feedback is not None:
-                feedback_batch = share(next(feedback), args.device,
-                                       args.gradient_accumulation_steps)
-            with autocast(args.device, args.precision):
-                out = STEPS[args.method](teacher, student, teacher_optimizer, student_optimizer,
-                                         batch, feedback_batch, opts)
-            rows = torch.cat([part["idx"] for part in batch])
-            pending.append((step, student_optimizer.param_groups[0]["lr"], rows, out))
-            student_scheduler.step()
-            if args.method != "kd":  # the kd teacher is frozen
-                teacher_scheduler.step()
-            evaluating = step % eval_steps == 0 or step == total
-            if step % args.logging_steps == 0 or evaluating:
-                records = run.log(pending)
-                pending = []
-                progress.set_postfix(student_loss=f"{records[-1]['student_loss']:.4f}")
-            seconds += time.perf_counter() - started
-            progress.update()
-            if evaluating:
-                evaluate_both(step, teacher, student, data, opts, run, student_optimizer)
+        with stops_after_a_step():
+            for step in progress:
+                started = time.perf_counter()
+                pending.append((step, *take_step(parts, args, opts)))
+                evaluating = step % eval_steps == 0 or step == total
+                if step % args.logging_steps == 0 or evaluating:
+                    records = run.log(pending)
+                    pending = []
+                    progress.set_postfix(student_loss=f"{records[-1]['student_loss']:.4f}")
+                seconds += time.perf_counter() - started
+                if evaluating:
+                    evaluate_both(step, teacher, student, data, opts, run, student_optimizer)
+                stopping = stop_asked(step, args)
+                if evaluating or stopping:
+                    save_state(run, 2, step, parts)
+                if stopping:
+                    run.checkpoint(teacher, "teacher")
+                    raise KeyboardInterrupt("SIGTERM")
     finally:
         run.log(pending)  # the steps finished since the last read, also when stopped
         progress.close()
     run.checkpoint(teacher, "teacher")
     run.metrics["steps"] = total
-    run.metrics["train_samples_per_s"] = seen / seconds
+    if seconds > 0:
+        run.metrics["train_samples_per_s"] = (total - first + 1) * args.batch_size / seconds
     run.metrics["influence_aux_ratio"] = None
     if run.ratios:
         ratios = sorted(run.ratios)
         run.metrics["influence_aux_ratio"] = {"median": ratios[len(ratios) // 2],
                                               "min": ratios[0], "max": ratios[-1]}
+
+
+def take_step(parts, args, opts):
+    """A step of --method on the next batches, and the schedules' step: (the student's learning
+    rate in it, the rows it took, its outputs)."""
+    batch = share(next(parts["train"]), args.device, args.gradient_accumulation_steps)
+    feedback_batch = None
+    if "feedback" in parts:
+        feedback_batch = share(next(parts["feedback"]), args.device,
+                               args.gradient_accumulation_steps)
+    lr = parts["student_optimizer"].param_groups[0]["lr"]
+    with autocast(args.device, args.precision):
+        out = STEPS[args.method](parts["teacher"], parts["student"], parts["teacher_optimizer"],
+                                 parts["student_optimizer"], batch, feedback_batch, opts)
+    parts["student_scheduler"].step()
+    if args.method != "kd":  # the kd teacher is frozen
+        parts["teacher_scheduler"].step()
+    return lr, torch.cat([part["idx"] for part in batch]), out
 
 
 def evaluate_both(step, teacher, student, data, opts, run, student_optimizer):
@@ -1477,8 +1657,10 @@ def add_optimisation_flags(group):
 def add_run_flags(group):
     group.add_argument("--output-dir", type=Path, default=Path("runs/lgtm"),
                        help="the run's folder")
-    group.add_argument("--overwrite", action="store_true",
-                       help="replace the run in --output-dir, once the new one has loaded")
+    group.add_argument("--overwrite", action="store_true", help="replace the run in "
+                       "--output-dir (kept in previous-run/ until the new one saves a state)")
+    group.add_argument("--resume", action="store_true", help="continue the stopped run in "
+                       "--output-dir from its last saved state, with the same flags")
     group.add_argument("--eval-steps", type=COUNT, help="evaluate both models on dev every N "
                        "steps and at the end, keeping the best student (default: once an epoch)")
     group.add_argument("--logging-steps", type=COUNT, default=20, help="read the losses from "
@@ -1505,6 +1687,8 @@ def check_flags(parser, args):
         if getattr(args, field.name) is not None and args.method not in methods:
             flag = "--" + field.name.replace("_", "-")
             parser.error(f"argument {flag}: applies to --method {', '.join(methods)} only")
+    if args.resume and args.overwrite:
+        parser.error("argument --resume: not with --overwrite, which starts the run afresh")
     if args.probe_samples and regression:
         parser.error("argument --probe-samples: needs classes")
     if args.distill_loss == "ce" and regression:
@@ -1533,6 +1717,7 @@ def resolve_defaults(args, gpus):
 
 def main(argv=None):
     args = parse_args(argv)
+    TERMINATED.clear()
     previous_handler = signal.signal(signal.SIGTERM, stop_on_sigterm)
     try:
         args.device = start_processes(args.device)
@@ -1547,15 +1732,6 @@ def main(argv=None):
     finally:
         signal.signal(signal.SIGTERM, previous_handler)
         end_processes()
-
-
-TERMINATED = []  # the SIGTERMs received: a collective that then fails was cut by one
-
-
-def stop_on_sigterm(signum, frame):
-    """SIGTERM (timeout, SLURM, Kubernetes; torchrun passes it on) stops a run as Ctrl-C does."""
-    TERMINATED.append(signum)
-    raise KeyboardInterrupt("SIGTERM")
 
 
 def interrupt_cause(interrupt):
@@ -1575,22 +1751,16 @@ def run_experiment(args):
     """A run from its flags to its folder. Everything is read and loaded before an old run in
     --output-dir goes, so that a failed start loses nothing; under torchrun, a failed start on
     any process ends all of them."""
-    teacher, student, data, tokenizer, model_lines = together(load, args)
+    teacher, student, data, tokenizer, model_lines, state = together(load, args)
     if distributed():  # no collective may run inside together's steps
         same_start_everywhere(args.seed, teacher, student)
     if args.compile:
         compile_models(teacher, student)
-    run = together(start_run, args, tokenizer)
+    run = together(start_run, args, tokenizer, state)
     try:
-        describe_run(run, args, data, model_lines)
-        if args.method in ("kd", "meta") and args.teacher_epochs > 0:
-            finetune_teacher(teacher, data, args, run)
-        if args.method in ("online", "lgtm"):  # both heads start at zero (appendix F.1)
-            zero_classifier(teacher)
-            zero_classifier(student)
-        opts = Options(**{field.name: getattr(args, field.name) for field in
-                          dataclasses.fields(Options)})
-        train_loop(teacher, student, data, args, opts, run)
+        if state is None:
+            describe_run(run, args, data, model_lines)
+        train(teacher, student, data, args, run, state)
         if args.predict:
             write_predictions(data, run)
         best = run.metrics["best"]
@@ -1599,20 +1769,39 @@ def run_experiment(args):
         run.save(status="finished")
     except (UserError, OSError, KeyboardInterrupt) as e:
         raise stopped(run, e) from None
-    except RuntimeError:  # under torchrun: a collective cut short by another process's SIGTERM
-        if not TERMINATED:
+    except RuntimeError as e:  # under torchrun: a collective cut short by another process
+        if TERMINATED:
+            raise stopped(run, KeyboardInterrupt("SIGTERM")) from None
+        if not distributed():
             raise
-        raise stopped(run, KeyboardInterrupt("SIGTERM")) from None
+        raise stopped(run, e) from None
     finally:
         run.close()
     return run.metrics
+
+
+def train(teacher, student, data, args, run, state):
+    """Stage 1 where the method has one, then stage 2; from a saved state with --resume."""
+    stage_2_state = None
+    if state is not None:
+        run.note(f"resumed from the state saved after step {state['step']} of stage "
+                 f"{state['stage']}")
+        stage_2_state = state if state["stage"] == 2 else None
+    if args.method in ("kd", "meta") and args.teacher_epochs > 0 and stage_2_state is None:
+        finetune_teacher(teacher, data, args, run, state)
+    if args.method in ("online", "lgtm"):  # both heads start at zero (appendix F.1)
+        zero_classifier(teacher)
+        zero_classifier(student)
+    opts = Options(**{field.name: getattr(args, field.name) for field in
+                      dataclasses.fields(Options)})
+    train_loop(teacher, student, data, args, opts, run, stage_2_state)
 
 
 def load(args):
     """The run's data and models, on its device, checked; its folder made but not yet cleared."""
     import transformers
     if rank() == 0:
-        prepare_output_dir(args.output_dir, args.overwrite)
+        prepare_output_dir(args.output_dir, args.overwrite, args.resume)
     check_hub_access(hub_inputs(args))
     quiet_libraries()
     torch.set_float32_matmul_precision(MATMUL_PRECISION[args.precision])
@@ -1634,12 +1823,40 @@ def load(args):
     data = make_data(args, task, splits, tokenizer)
     teacher = teacher.to(args.device)
     student = student.to(args.device)
-    return teacher, student, data, tokenizer, (teacher_line, student_line)
+    state = None
+    if args.resume:
+        state = saved_state(args)
+    return teacher, student, data, tokenizer, (teacher_line, student_line), state
 
 
-def prepare_output_dir(out, overwrite):
-    """Makes --output-dir, empty, so that a location that cannot be written fails at once, and
-    refuses one that holds a run unless --overwrite. The old run goes only in start_run."""
+def saved_state(args):
+    """The state --resume continues from, once its run is seen to have had the same flags."""
+    out = args.output_dir
+    try:
+        state = torch.load(out / STATE, map_location=args.device, weights_only=True)
+    except FileNotFoundError:
+        raise UserError(f"--resume: {out} holds no saved state ({STATE}) to continue from: "
+                        f"start the run without --resume") from None
+    except Exception as e:
+        raise UserError(f"--resume: could not read {out / STATE} ({one_line(e)})") from None
+    saved = state["metrics"]["args"]
+    free = ("resume", "overwrite", "logging_steps", "predict", "output_dir")
+    differ = [f"--{name.replace('_', '-')} {value} (the run's: {saved.get(name)})"
+              for name, value in vars(args).items()
+              if name not in free and str(value) != str(saved.get(name))]
+    if differ:
+        raise UserError(f"--resume: these flags differ from the stopped run's: "
+                        f"{'; '.join(differ)}: resume with the run's flags")
+    if state["processes"] != world_size():
+        raise UserError(f"--resume: the run had {state['processes']} processes and this one "
+                        f"{world_size()}: each keeps its own random state, so resume with "
+                        f"{state['processes']}")
+    return state
+
+
+def prepare_output_dir(out, overwrite, resume):
+    """Makes --output-dir, so that a location that cannot be written fails at once, and refuses
+    one that holds a run unless --overwrite or --resume. An old run goes only in start_run."""
     try:
         out.mkdir(parents=True, exist_ok=True)
         held = [name for name in RUN_FILES if (out / name).exists()]
@@ -1647,9 +1864,10 @@ def prepare_output_dir(out, overwrite):
             raise PermissionError(f"{out} is no writable folder")
     except OSError as e:  # also a name too long for the file system
         raise UserError(f"--output-dir {out} cannot be written ({one_line(e)})") from None
-    if held and not overwrite:
+    if held and not (overwrite or resume):
         raise UserError(f"--output-dir {out} already holds a run ({', '.join(held)}): pass "
-                        f"--overwrite to replace it, or choose another --output-dir")
+                        f"--resume to continue it, --overwrite to replace it, or choose another "
+                        f"--output-dir")
 
 
 def hub_inputs(args):
@@ -1724,19 +1942,32 @@ def make_data(args, task, splits, tokenizer):
                    len(splits["train"]), len(splits["feedback"]))
 
 
-def start_run(args, tokenizer):
-    """Now that everything has loaded, the old run in --output-dir goes and the new one begins."""
+def start_run(args, tokenizer, state):
+    """Now that everything has loaded, the run begins: from its saved state (--resume), or
+    afresh, the old run moved to previous-run/ until the new one saves its first state."""
+    out = args.output_dir
+    held = [out / name for name in RUN_FILES if (out / name).exists()]
     try:
-        if rank() == 0:
-            for path in (args.output_dir / name for name in RUN_FILES):
-                if path.is_dir():
-                    shutil.rmtree(path)
-                else:
-                    path.unlink(missing_ok=True)
-        return Run(args, tokenizer)
+        if rank() == 0 and state is None and held:
+            set_old_run_aside(out, held)
+        return Run(args, tokenizer, state)
     except OSError as e:
-        raise UserError(f"--output-dir {args.output_dir} cannot be written "
-                        f"({one_line(e)})") from None
+        raise UserError(f"--output-dir {out} cannot be written ({one_line(e)})") from None
+
+
+def set_old_run_aside(out, held):
+    """--overwrite: the old run moves to previous-run/. A run already there stays: the one here
+    then never saved a state, and goes."""
+    previous = out / PREVIOUS
+    if not previous.exists():
+        previous.mkdir()
+        for path in held:
+            path.rename(previous / path.name)
+    for path in held:
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
 
 
 def describe_run(run, args, data, model_lines):
@@ -1800,10 +2031,13 @@ def write_predictions(data, run):
 
 
 def stopped(run, error):
-    """The one-line error of a run stopped by bad input, a full disk or an interrupt, once
-    metrics.json says how it ended."""
+    """The one-line error of a run stopped by bad input, a full disk, an interrupt or another
+    process, once metrics.json says how it ended; a further SIGTERM no longer interrupts."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     code = 1
     status = f"stopped: could not write ({one_line(error)})"
+    if isinstance(error, RuntimeError):
+        status = f"stopped: another process of the job ended ({one_line(error)[:300]})"
     if isinstance(error, KeyboardInterrupt):
         cause = interrupt_cause(error)
         status = f"interrupted ({cause})"
@@ -1816,6 +2050,10 @@ def stopped(run, error):
     kept = "no student was saved (no evaluation had finished)"
     if best is not None:
         kept = f"the best student so far (step {best['step']}) is in {run.dir / 'student'}"
+    if (run.dir / STATE).is_file():
+        kept += f"; --resume continues from {run.dir / STATE}"
+    if (run.dir / PREVIOUS).is_dir():
+        kept += f"; the run it replaced is in {run.dir / PREVIOUS}"
     return UserError(f"{status}. {run.dir}/metrics.json keeps the history; {kept}", code)
 
 

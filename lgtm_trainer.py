@@ -132,7 +132,7 @@ class LGTMTrainer(Trainer):
             loader = torch.utils.data.DataLoader(dataset, self.args.per_device_train_batch_size,
                                                  shuffle=True, collate_fn=self.data_collator,
                                                  generator=generator)
-            self.feedback_batches = lgtm.forever(self.accelerator.prepare(loader))
+            self.feedback_batches = lgtm.Batches(self.accelerator.prepare(loader))
         return self.feedback_batches
 
     def log(self, logs, start_time=None):

@@ -23,8 +23,12 @@ What they prove:
   batch (float64, 1e-10) with no pass over more rows than a micro-batch; a model of one's own that
   returns a tensor of logits trains, a broken contract (labels, inputs, empty or missing batches,
   no logits) is one ValueError before any update, and every submodule's mode comes back;
-  precision that would break the influence passes (accelerate's bf16 wrapper, fp16 autocast) is
-  refused before any update, and the errors name the real fix;
+  precision that would break the influence passes (a forward that turns autocast on by itself:
+  accelerate's wrapper, a decorator, a wrapper module; fp16 autocast; a GradScaler) is refused
+  before any update, and the errors name the real fix; under bf16 autocast every teacher forward
+  (line 9 after the teacher's step included) equals a fresh copy's, in lgtm_step, online_step,
+  the command line and Trainer; gradient checkpointing on the student and two vocabularies are
+  refused; three steps in a row equal Algorithm 1 by hand;
 - Hugging Face Trainer (lgtm_trainer.LGTMTrainer): one update of each model per global step with
   fp32 influence passes under bf16, gradient accumulation equal to lgtm_step on the whole batch,
   the teacher's inputs kept where the student takes fewer, the teacher saved in checkpoints and
@@ -40,7 +44,10 @@ What they prove:
 - data: each GLUE file format against rows written out here; metrics against values by hand;
 - the command line end to end, the probe set and the logging cadence without effect on training,
   a table of bad inputs that each end in one `error:` line with no traceback, interrupts (Ctrl-C,
-  SIGTERM) and NaN losses that keep what was written;
+  SIGTERM), NaN losses and a full disk that keep what was written; a run stopped mid-epoch (by
+  SIGTERM or Ctrl-C, in stage 1 or 2, on one process or one of two under torchrun) and resumed
+  ends bit for bit as the run never stopped; --overwrite keeps the old run until the new one
+  saves a state;
 - benchmark.py, results.py, and tutorial.ipynb executed top to bottom.
 
 Nothing here needs the network or anything outside the repository. One test reads a whole GLUE
@@ -1043,6 +1050,21 @@ def students_that_run_in_bf16(student):
             "wrapper": AutocastInside(copy.deepcopy(student))}
 
 
+class FunctionalClassifier(torch.nn.Module):
+    """Weights on the model itself, functional operations only, and a forward decorated with bf16
+    autocast: no submodule's hook sees the autocast, only the logits' dtype tells."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(4)
+        self.embedding = torch.nn.Parameter(torch.randn(60, 8))
+        self.head = torch.nn.Parameter(torch.randn(NUM_LABELS, 8))
+
+    @torch.autocast("cpu", dtype=torch.bfloat16)
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None):
+        return F.linear(F.embedding(input_ids, self.embedding).mean(1), self.head)
+
+
 def test_precision_that_would_break_the_influence_passes_is_refused_before_any_update():
     """A forward that turns autocast on by itself (accelerate's bf16 wrapper, as Trainer makes
     it; a decorator; a wrapper module) would run the fp32 passes in bf16; bf16 weights would round
@@ -1070,6 +1092,11 @@ def test_precision_that_would_break_the_influence_passes_is_refused_before_any_u
         low = copy.deepcopy(student).to(torch.bfloat16)
         with pytest.raises(ValueError, match="need fp32 weights"):
             step(teacher, low, teacher_optimizer, student_optimizer, batch, feedback, OPTS)
+    functional = FunctionalClassifier()
+    functional_optimizer = torch.optim.AdamW(functional.parameters(), 1e-2)
+    with pytest.raises(ValueError, match="keep_fp32_wrapper=False"):
+        lgtm.lgtm_step(teacher, functional, teacher_optimizer, functional_optimizer, batch,
+                       feedback, OPTS)
     scaled = AcceleratedOptimizer(student_optimizer, device_placement=False,
                                   scaler=torch.amp.GradScaler("cpu"))
     for method in ("kd", "online", "meta", "lgtm"):
@@ -2133,6 +2160,207 @@ def test_cli_stopped_by_sigterm_writes_how_it_ended(model_dir, tmp_path):
     steps = [record["step"] for record in logged(out)]
     assert steps == list(range(1, len(steps) + 1))
     assert len(steps) >= saved["history"][-1]["step"]
+
+
+# ----------------------------------------------------------------------------------------------
+# A stopped run resumes: --resume continues from the last saved state to the same end
+# ----------------------------------------------------------------------------------------------
+
+RESUMABLE = ("--max-steps", "7", "--eval-steps", "3", "--logging-steps", "1")
+
+
+def stop_at_share(monkeypatch, call, stop):
+    """stop() at the call-th batch that lgtm.share deals out (stage 1's steps, then stage 2's:
+    two calls a step there for meta and lgtm, the batch and the feedback batch)."""
+    real_share = lgtm.share
+    calls = []
+
+    def share(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == call:
+            stop()
+        return real_share(*args, **kwargs)
+
+    monkeypatch.setattr(lgtm, "share", share)
+
+
+def sigterm():
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+def ctrl_c():
+    raise KeyboardInterrupt
+
+
+def run_folder(out):
+    """What a finished run leaves that a resumed one must reproduce: the log, the history and
+    the best student, and the weights of the best student and of the final teacher."""
+    saved = read_metrics(out)
+    weights = {name: saved_parameters_of(out / name) for name in ("student", "teacher")}
+    return {"log": (out / "train_log.jsonl").read_text(), "history": saved["history"],
+            "best": saved["best"], "status": saved["status"], "weights": weights}
+
+
+def saved_parameters_of(folder):
+    from safetensors.torch import load_file
+    return load_file(folder / "model.safetensors")
+
+
+def assert_same_run(a, b):
+    assert a["status"] == b["status"] == "finished"
+    assert a["log"] == b["log"]
+    assert a["history"] == b["history"]
+    assert a["best"] == b["best"]
+    for name in ("student", "teacher"):
+        assert a["weights"][name].keys() == b["weights"][name].keys()
+        for key, tensor in a["weights"][name].items():
+            assert torch.equal(tensor, b["weights"][name][key]), (name, key)
+
+
+@pytest.mark.parametrize("method,stop,call,expected", [
+    ("lgtm", sigterm, 9, "interrupted (SIGTERM)"),  # stage 2, step 5: after it, its state
+    ("lgtm", ctrl_c, 11, "interrupted (Ctrl-C)"),  # in step 6: the state of step 3
+    ("meta", sigterm, 3, "interrupted (SIGTERM)"),  # stage 1, step 3
+    ("meta", sigterm, 14, "interrupted (SIGTERM)"),  # stage 2, step 4 (stage 1 has 7)
+])
+def test_a_stopped_run_resumes_to_the_end_of_the_run_never_stopped(method, stop, call, expected,
+                                                                    model_dir, tmp_path,
+                                                                    capsys, monkeypatch):
+    """Dropout on (0.1) and shuffled batches: stopped mid-epoch by SIGTERM (the step under way
+    ends and its state is saved) or by Ctrl-C (at once; the last evaluation's state stays), then
+    --resume: the same log, history, best student and final teacher, bit for bit, as the run
+    never stopped. meta goes through stage 1, stopped in it and after it."""
+    lgtm.main(cli(model_dir, tmp_path / "whole", *RESUMABLE, method=method))
+    out = tmp_path / "stopped"
+    with monkeypatch.context() as patch:
+        stop_at_share(patch, call, stop)
+        with pytest.raises(SystemExit):
+            lgtm.main(cli(model_dir, out, *RESUMABLE, method=method))
+    message = capsys.readouterr().err
+    assert read_metrics(out)["status"] == expected
+    assert f"--resume continues from {out / 'state.pt'}" in message
+    assert not list(out.glob("*.tmp"))
+    lgtm.main(cli(model_dir, out, *RESUMABLE, "--resume", method=method))
+    assert_same_run(run_folder(out), run_folder(tmp_path / "whole"))
+
+
+def resumable_worker(argv, stop_call):
+    """Run by each process of a torchrun job: the command line, rank 1 alone sending itself
+    SIGTERM at its stop_call-th batch (0: never). Each process leaves its pid in the run's
+    parent folder."""
+    out = Path(argv[argv.index("--output-dir") + 1])
+    (out.parent / f"pid-{os.environ['RANK']}").write_text(str(os.getpid()))
+    if int(os.environ["RANK"]) == 1 and stop_call:
+        real_share = lgtm.share
+        calls = []
+
+        def share(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == stop_call:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return real_share(*args, **kwargs)
+
+        lgtm.share = share
+    lgtm.main(argv)
+
+
+def test_a_torchrun_job_stopped_on_one_process_resumes_to_the_same_end(model_dir, tmp_path):
+    """2 gloo processes, SIGTERM to rank 1 alone in stage 2: both stop after the same step, rank 0
+    says so in one line and in metrics.json, and the job resumed under torchrun ends as the job
+    never stopped, bit for bit (each process's dropout continues from its own saved state)."""
+    worker = tmp_path / "worker.py"
+    worker.write_text("import json, sys\nimport test_lgtm\n"
+                      "test_lgtm.resumable_worker(json.loads(sys.argv[1]), int(sys.argv[2]))\n")
+
+    def job(out, stop_call, *extra):
+        argv = json.dumps(cli(model_dir, out, *RESUMABLE, *extra))
+        return subprocess.run(torchrun(str(worker), argv, str(stop_call)), capture_output=True,
+                              text=True, env=quiet_environment(), timeout=600)
+
+    assert job(tmp_path / "whole", 0).returncode == 0
+    out = tmp_path / "stopped"
+    stopped = job(out, 9)
+    errors = [line for line in stopped.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, stopped.stderr[-3000:]
+    assert errors[0].startswith("error: interrupted (SIGTERM)")
+    assert read_metrics(out)["status"] == "interrupted (SIGTERM)"
+    assert not list(out.glob("*.tmp"))
+    resumed = job(out, 0, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_same_run(run_folder(out), run_folder(tmp_path / "whole"))
+
+
+def test_a_torchrun_job_whose_other_process_is_killed_says_so_in_one_line(model_dir, tmp_path):
+    """SIGKILL to rank 1 mid-run: rank 0 ends with one error line, metrics.json says the same,
+    and no temporary file is left."""
+    worker = tmp_path / "worker.py"
+    worker.write_text("import json, sys\nimport test_lgtm\n"
+                      "test_lgtm.resumable_worker(json.loads(sys.argv[1]), 0)\n")
+    out = tmp_path / "run"
+    argv = cli(model_dir, out, "--max-steps", "100000", "--eval-steps", "2", "--logging-steps",
+               "1")
+    job = subprocess.Popen(torchrun(str(worker), json.dumps(argv)), stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True, env=quiet_environment())
+    deadline = time.time() + 120
+    while time.time() < deadline and not (out / "student" / "config.json").is_file():
+        time.sleep(0.2)
+    os.kill(int((tmp_path / "pid-1").read_text()), signal.SIGKILL)
+    _, stderr = job.communicate(timeout=120)
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, stderr[-3000:]
+    status = read_metrics(out)["status"]
+    assert status != "running"
+    assert errors[0].startswith(f"error: {status}")
+    assert not list(out.glob("*.tmp"))
+
+
+def test_resume_refuses_other_flags_and_a_folder_without_a_state(model_dir, tmp_path, capsys,
+                                                                 monkeypatch):
+    out = tmp_path / "run"
+    with monkeypatch.context() as patch:
+        stop_at_share(patch, 9, sigterm)
+        with pytest.raises(SystemExit):
+            lgtm.main(cli(model_dir, out, *RESUMABLE))
+    capsys.readouterr()
+    other = cli(model_dir, out, *RESUMABLE, "--resume", "--seed", "7", "--student-lr", "1e-3")
+    assert_one_clear_error(run_in_process(other, capsys), "--student-lr 0.001 (the run's: "
+                                                          "5e-05); --seed 7 (the run's: 42)")
+    assert read_metrics(out)["status"] == "interrupted (SIGTERM)"
+    empty = cli(model_dir, tmp_path / "empty", *RESUMABLE, "--resume")
+    assert_one_clear_error(run_in_process(empty, capsys), "holds no saved state (state.pt)")
+
+
+def test_overwrite_keeps_the_old_run_until_the_new_one_has_saved_a_state(model_dir, tmp_path,
+                                                                         capsys, monkeypatch):
+    out = tmp_path / "run"
+    lgtm.main(cli(model_dir, out, *RESUMABLE))
+    old = (out / "metrics.json").read_text()
+    with monkeypatch.context() as patch:
+        stop_at_share(patch, 3, ctrl_c)  # in step 2: before the first evaluation
+        with pytest.raises(SystemExit):
+            lgtm.main(cli(model_dir, out, *RESUMABLE, "--overwrite", "--seed", "7"))
+    assert f"the run it replaced is in {out / 'previous-run'}" in capsys.readouterr().err
+    assert (out / "previous-run" / "metrics.json").read_text() == old
+    assert (out / "previous-run" / "student" / "config.json").is_file()
+    lgtm.main(cli(model_dir, out, *RESUMABLE, "--overwrite", "--seed", "7"))
+    assert not (out / "previous-run").exists()
+    assert read_metrics(out)["args"]["seed"] == 7
+
+
+def test_a_full_disk_stops_the_run_in_one_line_and_leaves_no_half_file(model_dir, tmp_path,
+                                                                       capsys, monkeypatch):
+    """The state of the first evaluation does not fit on the disk: one line says so,
+    metrics.json says it too, and neither state.pt nor a temporary file is left."""
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full)
+    out = tmp_path / "run"
+    assert_one_clear_error(run_in_process(cli(model_dir, out, *RESUMABLE), capsys),
+                           "stopped: could not write (OSError: [Errno 28] No space left")
+    assert read_metrics(out)["status"].startswith("stopped: could not write (OSError: [Errno 28]")
+    assert not (out / "state.pt").exists()
+    assert not list(out.glob("*.tmp"))
 
 
 def test_cli_stops_on_a_non_finite_loss_and_keeps_the_last_checkpoint(model_dir, tmp_path, capsys):
