@@ -13,7 +13,7 @@ forward passes by finite differences (eq. 10), or exactly from one forward-mode 
     3. GLUE data: from the Hub, or local TSV or parquet files.
     4. Models: Hub names or local folders.
     5. Evaluation and metrics.
-    6. Processes (torchrun) and the run: its folder, stage 1, stage 2.
+    6. Processes (torchrun) and the run: its folder, its saved state (--resume), stage 1, stage 2.
     7. The command line: main() reads as the steps of a run.
 """
 import argparse
@@ -1083,7 +1083,7 @@ def evaluate(model, dev, task, device):
     return out, collapsed
 
 
-# == 6. Processes (torchrun) and the run: its folder, stage 1, stage 2 ========================
+# == 6. Processes (torchrun) and the run: its folder and saved state, stage 1, stage 2 ========
 
 
 def rank():
