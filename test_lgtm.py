@@ -1629,6 +1629,10 @@ def test_sigterm_to_a_torchrun_job_stops_every_process_and_rank_0_says_how(model
     saved = read_metrics(out)
     assert saved["status"] == "interrupted (SIGTERM)", stderr[-2000:]
     assert saved["history"], stderr[-2000:]
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, stderr[-2000:]
+    assert errors[0].startswith("error: interrupted (SIGTERM)")
+    assert not list(out.glob("*.tmp"))
 
 
 def test_a_start_that_fails_on_rank_0_alone_ends_the_torchrun_job_with_one_error(model_dir,
