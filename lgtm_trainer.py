@@ -99,12 +99,8 @@ class LGTMTrainer(Trainer):
             if self.micro_step == 0:
                 self.update_teacher(student)
             # Line 9: this micro-batch's share of the student's loss, against the new teacher.
-            with torch.no_grad():
-                teacher_targets = lgtm.forward(self.teacher, inputs, dropout=False)
-            student_logits = lgtm.forward(model, inputs, dropout=True)
-            share = len(inputs["labels"]) / self.step_rows
-            loss = share * lgtm.student_loss(student_logits, teacher_targets, inputs["labels"],
-                                             self.lgtm_options)
+            loss, _ = lgtm.distillation(self.teacher, model, inputs, self.lgtm_options)
+            loss = loss * (len(inputs["labels"]) / self.step_rows)
         self.accelerator.backward(loss)
         self.micro_step += 1
         return loss.detach()
