@@ -132,30 +132,6 @@ def teacher_aux_loss(teacher_logits, student_logits, labels, opts):
 MODEL_INPUTS = ("input_ids", "token_type_ids", "attention_mask")
 
 
-def micro_batches(batch, name):
-    """A batch as its list of micro-batches ([batch] for a dict), each checked: a dict with
-    input_ids and labels, and at least one row."""
-    if batch is None:
-        raise ValueError(f"{name} is None: meta and lgtm need a feedback batch z^e of held-out "
-                         f"examples, a dict like the training batch")
-    batches = [batch]
-    if not isinstance(batch, Mapping):
-        batches = list(batch)
-    if not batches:
-        raise ValueError(f"{name} is an empty list of micro-batches: give at least one")
-    for part in batches:
-        if not isinstance(part, Mapping):
-            raise ValueError(f"{name} is a {type(part).__name__}: give a dict of tensors "
-                             f"(input_ids, attention_mask, labels, ...) or a list of them")
-        missing = [key for key in ("input_ids", "labels") if key not in part]
-        if missing:
-            raise ValueError(f"{name} has no {missing[0]!r} (it has {sorted(part)}): the models "
-                             f"take {', '.join(MODEL_INPUTS)}, the labels are under 'labels'")
-        if len(part["labels"]) == 0:
-            raise ValueError(f"{name} holds no examples: give at least one")
-    return batches
-
-
 def model_inputs(batch):
     """What the models are given of a batch: input_ids, and the masks it has."""
     return {key: batch[key] for key in MODEL_INPUTS if key in batch}
@@ -234,40 +210,6 @@ def set_grad(params, grads):
         p.grad = g
 
 
-def check_fp32(student):
-    """The influence passes need fp32 (or fp64) weights: a step of r/||v|| vanishes in bf16."""
-    for name, p in trainable(student).items():
-        if p.dtype not in (torch.float32, torch.float64):
-            raise ValueError(f"the student's {name} is {p.dtype}: the influence passes need fp32 "
-                             f"weights; keep fp32 weights and run the step under bf16 autocast")
-
-
-def check_models(teacher, student, *optimizers):
-    """Refused before any update: fp16 autocast or an optimizer behind a GradScaler (the
-    gradients here are not scaled), and two models of different vocabulary sizes."""
-    device_type = next(student.parameters()).device.type
-    if torch.is_autocast_enabled(device_type):
-        if torch.get_autocast_dtype(device_type) == torch.float16:
-            raise ValueError("fp16 autocast needs a GradScaler, which the steps' gradients do "
-                             "not take: use bf16 autocast (no scaler needed) or fp32")
-    for optimizer in optimizers:
-        if getattr(optimizer, "scaler", None) is not None:
-            raise ValueError("an optimizer steps through a GradScaler (fp16), which the steps' "
-                             "unscaled gradients do not take: use bf16 or fp32")
-    sizes = [vocabulary_size(teacher), vocabulary_size(student)]
-    if None not in sizes and sizes[0] != sizes[1]:
-        raise ValueError(f"the teacher's vocabulary has {sizes[0]} ids and the student's "
-                         f"{sizes[1]}: both models must read the same token ids (one tokenizer)")
-
-
-def vocabulary_size(model):
-    """The size of a model's input embedding, or None where it has none to tell."""
-    try:
-        return model.get_input_embeddings().num_embeddings
-    except (AttributeError, NotImplementedError):
-        return None
-
-
 def student_lr(optimizer, lookahead):
     """ηs, read as each step begins: one learning rate for all of the student's parameters. For
     lookahead "adamw", the optimizer must be a plain torch.optim.AdamW, whose state it reads."""
@@ -278,18 +220,6 @@ def student_lr(optimizer, lookahead):
     if lookahead == "adamw":
         check_plain_adamw(optimizer)
     return lrs.pop()
-
-
-def check_plain_adamw(optimizer):
-    inner = getattr(optimizer, "optimizer", None)  # accelerate's AcceleratedOptimizer wraps one
-    if type(inner) is torch.optim.AdamW:
-        raise ValueError(f"lookahead 'adamw' reads a torch.optim.AdamW, which this "
-                         f"{type(optimizer).__name__} wraps: pass that one (with Hugging Face "
-                         f"Trainer, trainer.optimizer.optimizer)")
-    extras = [g.get("amsgrad") or g.get("maximize") for g in optimizer.param_groups]
-    if type(optimizer) is not torch.optim.AdamW or any(extras):
-        raise ValueError(f"lookahead 'adamw' simulates torch.optim.AdamW without amsgrad or "
-                         f"maximize, not this {type(optimizer).__name__}: use lookahead 'sgd'")
 
 
 @torch.no_grad()
@@ -316,59 +246,6 @@ def look_ahead(params, grads, optimizer, lr, lookahead):
         decayed = p * (1 - lr * group["weight_decay"])
         theta[name] = decayed - lr / (1 - beta1 ** step) * exp_avg / denom
     return theta
-
-
-class Watch:
-    """Hooks on the student's modules while a block runs; afterwards, refuses what it found of
-    `check`: "autocast", a module run under autocast or returning fp16 or bf16 (a forward that
-    turns autocast on by itself, as accelerate's mixed precision or a decorator does), or
-    "recomputed", a module run outside a call of the student (in a backward pass: gradient
-    checkpointing)."""
-
-    MESSAGES = {
-        "autocast": "the student's forward turns autocast on by itself (accelerate's mixed "
-                    "precision wraps it so, as Trainer with bf16 does), and the influence passes "
-                    "need fp32: step accelerator.unwrap_model(student, keep_fp32_wrapper=False) "
-                    "inside accelerator.autocast(), or take the autocast off its forward",
-        "recomputed": "the student recomputes its forward in the backward pass (gradient "
-                      "checkpointing), which would take v at θs, not at θs': turn it off for the "
-                      "student (model.gradient_checkpointing_disable())",
-    }
-
-    def __init__(self, student, check):
-        self.device_type = next(student.parameters()).device.type
-        self.check = check
-        self.found = False
-        self.calls = 0  # calls of the student itself under way
-        self.hooks = [student.register_forward_pre_hook(self.enter),
-                      student.register_forward_hook(self.leave)]
-        for module in student.modules():
-            self.hooks.append(module.register_forward_pre_hook(self.ran))
-            self.hooks.append(module.register_forward_hook(self.returned))
-
-    def enter(self, module, args):
-        self.calls += 1
-
-    def leave(self, module, args, output):
-        self.calls -= 1
-
-    def ran(self, module, args):
-        found = {"autocast": torch.is_autocast_enabled(self.device_type),
-                 "recomputed": self.calls == 0}
-        self.found = self.found or found[self.check]
-
-    def returned(self, module, args, output):
-        low = isinstance(output, torch.Tensor) and output.dtype in (torch.float16, torch.bfloat16)
-        self.found = self.found or (self.check == "autocast" and low)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, error, *details):
-        for hook in self.hooks:
-            hook.remove()
-        if self.found and error is None:
-            raise ValueError(self.MESSAGES[self.check])
 
 
 def feedback_gradient(student, theta, feedback_batches):
@@ -586,6 +463,132 @@ def lgtm_step(teacher, student, teacher_optimizer, student_optimizer, batch, fee
     loss = student_gradient(teacher, student, batch, opts, update.student_logits)
     student_optimizer.step()
     return {"student_loss": loss, **update.logs}
+
+
+# -- What the steps refuse, before any update: each a one-line ValueError naming the fix --
+
+
+def micro_batches(batch, name):
+    """A batch as its list of micro-batches ([batch] for a dict), each checked: a dict with
+    input_ids and labels, and at least one row."""
+    if batch is None:
+        raise ValueError(f"{name} is None: meta and lgtm need a feedback batch z^e of held-out "
+                         f"examples, a dict like the training batch")
+    batches = [batch]
+    if not isinstance(batch, Mapping):
+        batches = list(batch)
+    if not batches:
+        raise ValueError(f"{name} is an empty list of micro-batches: give at least one")
+    for part in batches:
+        if not isinstance(part, Mapping):
+            raise ValueError(f"{name} is a {type(part).__name__}: give a dict of tensors "
+                             f"(input_ids, attention_mask, labels, ...) or a list of them")
+        missing = [key for key in ("input_ids", "labels") if key not in part]
+        if missing:
+            raise ValueError(f"{name} has no {missing[0]!r} (it has {sorted(part)}): the models "
+                             f"take {', '.join(MODEL_INPUTS)}, the labels are under 'labels'")
+        if len(part["labels"]) == 0:
+            raise ValueError(f"{name} holds no examples: give at least one")
+    return batches
+
+
+def check_models(teacher, student, *optimizers):
+    """Refused before any update: fp16 autocast or an optimizer behind a GradScaler (the
+    gradients here are not scaled), and two models of different vocabulary sizes."""
+    device_type = next(student.parameters()).device.type
+    if torch.is_autocast_enabled(device_type):
+        if torch.get_autocast_dtype(device_type) == torch.float16:
+            raise ValueError("fp16 autocast needs a GradScaler, which the steps' gradients do "
+                             "not take: use bf16 autocast (no scaler needed) or fp32")
+    for optimizer in optimizers:
+        if getattr(optimizer, "scaler", None) is not None:
+            raise ValueError("an optimizer steps through a GradScaler (fp16), which the steps' "
+                             "unscaled gradients do not take: use bf16 or fp32")
+    sizes = [vocabulary_size(teacher), vocabulary_size(student)]
+    if None not in sizes and sizes[0] != sizes[1]:
+        raise ValueError(f"the teacher's vocabulary has {sizes[0]} ids and the student's "
+                         f"{sizes[1]}: both models must read the same token ids (one tokenizer)")
+
+
+def vocabulary_size(model):
+    """The size of a model's input embedding, or None where it has none to tell."""
+    try:
+        return model.get_input_embeddings().num_embeddings
+    except (AttributeError, NotImplementedError):
+        return None
+
+
+def check_fp32(student):
+    """The influence passes need fp32 (or fp64) weights: a step of r/||v|| vanishes in bf16."""
+    for name, p in trainable(student).items():
+        if p.dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"the student's {name} is {p.dtype}: the influence passes need fp32 "
+                             f"weights; keep fp32 weights and run the step under bf16 autocast")
+
+
+def check_plain_adamw(optimizer):
+    inner = getattr(optimizer, "optimizer", None)  # accelerate's AcceleratedOptimizer wraps one
+    if type(inner) is torch.optim.AdamW:
+        raise ValueError(f"lookahead 'adamw' reads a torch.optim.AdamW, which this "
+                         f"{type(optimizer).__name__} wraps: pass that one (with Hugging Face "
+                         f"Trainer, trainer.optimizer.optimizer)")
+    extras = [g.get("amsgrad") or g.get("maximize") for g in optimizer.param_groups]
+    if type(optimizer) is not torch.optim.AdamW or any(extras):
+        raise ValueError(f"lookahead 'adamw' simulates torch.optim.AdamW without amsgrad or "
+                         f"maximize, not this {type(optimizer).__name__}: use lookahead 'sgd'")
+
+
+class Watch:
+    """Hooks on the student's modules while a block runs; afterwards, refuses what it found of
+    `check`: "autocast", a module run under autocast or returning fp16 or bf16 (a forward that
+    turns autocast on by itself, as accelerate's mixed precision or a decorator does), or
+    "recomputed", a module run outside a call of the student (in a backward pass: gradient
+    checkpointing)."""
+
+    MESSAGES = {
+        "autocast": "the student's forward turns autocast on by itself (accelerate's mixed "
+                    "precision wraps it so, as Trainer with bf16 does), and the influence passes "
+                    "need fp32: step accelerator.unwrap_model(student, keep_fp32_wrapper=False) "
+                    "inside accelerator.autocast(), or take the autocast off its forward",
+        "recomputed": "the student recomputes its forward in the backward pass (gradient "
+                      "checkpointing), which would take v at θs, not at θs': turn it off for the "
+                      "student (model.gradient_checkpointing_disable())",
+    }
+
+    def __init__(self, student, check):
+        self.device_type = next(student.parameters()).device.type
+        self.check = check
+        self.found = False
+        self.calls = 0  # calls of the student itself under way
+        self.hooks = [student.register_forward_pre_hook(self.enter),
+                      student.register_forward_hook(self.leave)]
+        for module in student.modules():
+            self.hooks.append(module.register_forward_pre_hook(self.ran))
+            self.hooks.append(module.register_forward_hook(self.returned))
+
+    def enter(self, module, args):
+        self.calls += 1
+
+    def leave(self, module, args, output):
+        self.calls -= 1
+
+    def ran(self, module, args):
+        found = {"autocast": torch.is_autocast_enabled(self.device_type),
+                 "recomputed": self.calls == 0}
+        self.found = self.found or found[self.check]
+
+    def returned(self, module, args, output):
+        low = isinstance(output, torch.Tensor) and output.dtype in (torch.float16, torch.bfloat16)
+        self.found = self.found or (self.check == "autocast" and low)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, error, *details):
+        for hook in self.hooks:
+            hook.remove()
+        if self.found and error is None:
+            raise ValueError(self.MESSAGES[self.check])
 
 
 # == 2. The paper's comparison methods (its figure 1), with lgtm_step's signature ============
