@@ -2754,7 +2754,9 @@ def test_tutorial_prose_quotes_only_numbers_its_section_prints():
 @needs_minilm
 def test_tutorial_runs_top_to_bottom():
     """Executed as committed: its assertions hold (the per-sample gradients sum to the meta-
-    gradient), the sign is right, and the student learns SST-2 in the live run."""
+    gradient, the rule of section 10 holds for every sample, the step written in the notebook
+    equals lgtm_step), the sign is right, the control at λ = 0 predicts every dev sentence as
+    LGTM does, and the student learns SST-2 in the live run."""
     import nbformat
     from nbclient import NotebookClient
     nb = nbformat.read(TUTORIAL, as_version=4)
@@ -2762,6 +2764,8 @@ def test_tutorial_runs_top_to_bottom():
     NotebookClient(nb, timeout=None, kernel_name="python3", resources=resources).execute()
     printed = "".join(cell_text(c) for c in nb.cells if c.cell_type == "code")
     assert "cosine(autograd meta-gradient, gradient of -ηs (1 - αs) mean w) = +1.000000" in printed
+    assert printed.count("my_lgtm_step against lgtm.lgtm_step") == 2
+    assert printed.count("lgtm against λ = 0 0.0,") == 2
     final_line = printed.split("final dev accuracy:")[1].splitlines()[0]
     final = dict(part.split("=") for part in final_line.split())
     assert float(final["lgtm"]) >= float(final["majority"]) + 0.10
