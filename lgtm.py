@@ -20,6 +20,7 @@ import argparse
 import contextlib
 import csv
 import dataclasses
+import difflib
 import functools
 import json
 import math
@@ -1567,11 +1568,29 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
         return super()._get_help_string(action)
 
 
+class Parser(argparse.ArgumentParser):
+    """A usage error in one line (from rank 0 alone under torchrun), naming the flag meant where
+    one is mistyped, instead of the whole usage first."""
+
+    def error(self, message):
+        flags = [flag for action in self._actions for flag in action.option_strings]
+        unknown = []
+        if message.startswith("unrecognized arguments:"):
+            unknown = [word for word in message.split() if word.startswith("--")]
+        for word in unknown:
+            flag = word.split("=")[0]
+            meant = difflib.get_close_matches(flag, flags, n=1, cutoff=0.75)
+            if meant:
+                message += f" ({flag}: did you mean {meant[0]}?)"
+        report(f"error: {message}; python lgtm.py --help lists the flags")
+        sys.exit(2)
+
+
 def parse_args(argv=None):
     """The flags, checked and with every default resolved: nothing later reads a None."""
     gpus = torch.cuda.device_count()
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=EXAMPLE,
-                                     formatter_class=HelpFormatter)
+    parser = Parser(description=__doc__.splitlines()[0], epilog=EXAMPLE,
+                    formatter_class=HelpFormatter)
     add_data_flags(parser.add_argument_group("data"))
     add_model_flags(parser.add_argument_group("models"), gpus)
     add_method_flags(parser.add_argument_group("method"))
@@ -1579,6 +1598,9 @@ def parse_args(argv=None):
     add_run_flags(parser.add_argument_group("run"))
     args = parser.parse_args(argv)
     check_flags(parser, args)
+    for flag, name in (("--teacher", args.teacher), ("--student", args.student)):
+        if looks_like_a_folder(name) and not Path(name).is_dir():
+            parser.error(f"argument {flag}: no such folder {name}")
     resolve_defaults(args, gpus)
     return args
 
@@ -1699,6 +1721,11 @@ def check_flags(parser, args):
                      "use mse")
 
 
+def looks_like_a_folder(name):
+    """Whether a model name can only be a path: a Hub id is NAME or OWNER/NAME."""
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or Path(name).is_dir()
+
+
 def resolve_defaults(args, gpus):
     """The defaults that depend on the machine, the task or the method, written into args."""
     if args.device is None:
@@ -1754,7 +1781,12 @@ def run_experiment(args):
     """A run from its flags to its folder. Everything is read and loaded before an old run in
     --output-dir goes, so that a failed start loses nothing; under torchrun, a failed start on
     any process ends all of them."""
-    teacher, student, data, tokenizer, model_lines, state = together(load, args)
+    made = first_missing_folder(args.output_dir)
+    try:
+        teacher, student, data, tokenizer, model_lines, state = together(load, args)
+    except (UserError, KeyboardInterrupt):
+        remove_empty_folders(args.output_dir, made)  # a failed start leaves no folder behind
+        raise
     if distributed():  # no collective may run inside together's steps
         same_start_everywhere(args.seed, teacher, student)
     if args.compile:
@@ -1781,6 +1813,27 @@ def run_experiment(args):
     finally:
         run.close()
     return run.metrics
+
+
+def first_missing_folder(path):
+    """The outermost of path and its parent folders that does not exist yet, or None."""
+    missing = None
+    for folder in (path, *path.parents):
+        if os.path.exists(folder):  # False also for a name too long for the file system
+            break
+        missing = folder
+    return missing
+
+
+def remove_empty_folders(path, made):
+    """path and its parents up to made, those of them that are empty (rank 0 made them)."""
+    if made is None or rank() > 0:
+        return
+    for folder in (path, *path.parents):
+        with contextlib.suppress(OSError):
+            folder.rmdir()
+        if folder == made:
+            return
 
 
 def train(teacher, student, data, args, run, state):
@@ -1877,7 +1930,7 @@ def hub_inputs(args):
     """The (flag, name) pairs that name something on the Hub rather than a local folder."""
     needed = []
     for flag, name in (("--teacher", args.teacher), ("--student", args.student)):
-        if not (Path(name).exists() or name.startswith((".", "/"))):
+        if not looks_like_a_folder(name):
             needed.append((flag, name))
     if args.data_dir is None:
         needed.append(("--data-dir", TASKS[args.task].glue_dir))

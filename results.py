@@ -4,10 +4,13 @@
     python results.py runs/ --out results     # the same files into results/
 
 Each finished run counts once: the dev score of its best student (accuracy; the mean of F1 and
-accuracy for mrpc and qqp), in percent. Runs are grouped by task, method (with its
---influence-weight when it is not 1) and feedback set (dev, or the --feedback-split fraction); the
-table gives mean ± sample std over the seeds, n, how many runs' best student gave every dev
-example one class (collapsed), and the median of ||∇θt influence term|| / ||∇θt L_aux||.
+accuracy for mrpc and qqp), in percent. Runs are grouped by their setting: every flag but the seed,
+the output folder and those that change no result (--resume, --overwrite, --logging-steps,
+--predict). The table names task, method (with its --influence-weight when it is not 1), feedback
+set (dev, or the --feedback-split fraction) and, under "other flags", any other flag on which the
+runs differ. It gives mean ± sample std over the seeds, n, how many runs' best student gave every
+dev example one class (collapsed), and the median of ||∇θt influence term|| / ||∇θt L_aux||. Two
+runs of the same setting and seed count once: the first found; the others are named on stderr.
 curves.png: the dev score against the step, mean over seeds, student solid and teacher dashed.
 influence.png, from runs with --probe-samples (the paper's figures 4 and 3): left, the influence
 w_i of each probed example at each evaluation; right, the two examples of most negative and most
@@ -23,24 +26,46 @@ from pathlib import Path
 
 import numpy as np
 
+NOT_SETTINGS = {"seed", "output_dir", "resume", "overwrite", "logging_steps", "predict"}
+SHOWN = {"task", "method", "influence_weight", "feedback_split"}  # each in a column of its own
+
 
 def load_runs(roots):
-    """The finished runs under the folders, and the paths of those skipped (not finished)."""
-    runs = []
+    """The finished runs under the folders, one per setting and seed, and why others were left
+    out (not finished, or a setting and seed already found)."""
+    runs = {}
     skipped = []
     for root in roots:
         for path in sorted(Path(root).rglob("metrics.json")):
             metrics = json.loads(path.read_text())
             if metrics.get("status") != "finished" or not metrics.get("best"):
-                skipped.append(f"{path.parent} ({metrics.get('status')})")
+                skipped.append(f"{path.parent} (not finished: {metrics.get('status')})")
                 continue
-            runs.append(run_summary(path.parent.name, metrics))
+            run = run_summary(path.parent, metrics)
+            key = (json.dumps(run["setting"], sort_keys=True, default=str), run["seed"])
+            if key in runs:
+                skipped.append(f"{path.parent} (the same setting and seed as {runs[key]['path']})")
+                continue
+            runs[key] = run
+    runs = list(runs.values())
+    name_other_flags(runs)
     return runs, skipped
 
 
-def run_summary(name, metrics):
+def name_other_flags(runs):
+    """Each run's "other flags": its values of the flags, beside those with a column of their
+    own, on which the runs differ."""
+    names = sorted({name for run in runs for name in run["setting"]} - SHOWN)
+    differ = [name for name in names if len({str(run["setting"].get(name)) for run in runs}) > 1]
+    for run in runs:
+        values = [f"--{name.replace('_', '-')} {run['setting'].get(name)}" for name in differ]
+        run["other"] = " ".join(values)
+
+
+def run_summary(path, metrics):
     """What the table and the figures need of one run's metrics.json."""
     args = metrics["args"]
+    setting = {name: value for name, value in args.items() if name not in NOT_SETTINGS}
     method = args["method"]
     weight = float(args.get("influence_weight", 1.0))
     if weight != 1.0:
@@ -50,7 +75,8 @@ def run_summary(name, metrics):
     if split:
         feedback = f"split {split:g}"
     ratio = (metrics.get("influence_aux_ratio") or {}).get("median")
-    return {"name": name, "task": args["task"], "seed": args["seed"], "method": method,
+    return {"name": path.name, "path": path, "setting": setting, "task": args["task"],
+            "seed": args["seed"], "method": method,
             "feedback": feedback, "score": 100 * metrics["best"]["student"]["score"],
             "history": metrics["history"],
             "collapsed": "student" in metrics["best"].get("collapsed", []), "ratio": ratio,
@@ -60,9 +86,9 @@ def run_summary(name, metrics):
 def summarise(runs):
     groups = defaultdict(list)
     for run in runs:
-        groups[(run["task"], run["method"], run["feedback"])].append(run)
+        groups[(run["task"], run["method"], run["feedback"], run["other"])].append(run)
     rows = []
-    for (task, method, feedback), members in sorted(groups.items()):
+    for (task, method, feedback, other), members in sorted(groups.items()):
         scores = np.array([r["score"] for r in members])
         ratios = [r["ratio"] for r in members if r["ratio"] is not None]
         std = 0.0
@@ -71,39 +97,44 @@ def summarise(runs):
         median_ratio = None
         if ratios:
             median_ratio = float(np.median(ratios))
-        rows.append({"task": task, "method": method, "feedback": feedback, "n": len(scores),
+        rows.append({"task": task, "method": method, "feedback": feedback, "other": other,
+                     "n": len(scores),
                      "mean": float(scores.mean()), "std": std,
                      "collapsed": sum(r["collapsed"] for r in members), "ratio": median_ratio})
     return rows
 
 
 def markdown(rows):
-    lines = ["| task | feedback | method | dev score, mean ± std | n | collapsed | "
-             "median ‖∇ influence‖ / ‖∇ L_aux‖ |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| task | feedback | method | other flags | dev score, mean ± std | n | collapsed | "
+             "median ‖∇ influence‖ / ‖∇ L_aux‖ |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         ratio = "—"
         if r["ratio"] is not None:
             ratio = f"{r['ratio']:.1e}"
-        lines.append(f"| {r['task']} | {r['feedback']} | {r['method']} | {r['mean']:.2f} ± "
+        lines.append(f"| {r['task']} | {r['feedback']} | {r['method']} | {r['other']} | "
+                     f"{r['mean']:.2f} ± "
                      f"{r['std']:.2f} | {r['n']} | {r['collapsed']} | {ratio} |")
     return "\n".join(lines)
 
 
 def plot_curves(runs, path, plt):
     panels = sorted({(r["task"], r["feedback"]) for r in runs})
-    methods = sorted({r["method"] for r in runs})
+    methods = sorted({(r["method"], r["other"]) for r in runs})
     colours = dict(zip(methods, plt.rcParams["axes.prop_cycle"].by_key()["color"] * 3))
     fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4), squeeze=False)
     for ax, (task, feedback) in zip(axes[0], panels):
         for method in methods:
-            members = [r for r in runs if (r["task"], r["feedback"], r["method"]) ==
+            members = [r for r in runs if (r["task"], r["feedback"], (r["method"], r["other"])) ==
                        (task, feedback, method)]
+            if not members:
+                continue
             steps = sorted({h["step"] for r in members for h in r["history"]})
             for model, style in (("student", "-"), ("teacher", "--")):
                 curve = [np.mean([100 * h[model]["score"] for r in members for h in r["history"]
                                   if h["step"] == s]) for s in steps]
                 ax.plot(steps, curve, style, color=colours[method],
-                        label=f"{method} {model} (n={len(members)})")
+                        label=f"{' '.join(method)} {model} (n={len(members)})")
         ax.set(title=f"{task}, feedback from {feedback}", xlabel="training step",
                ylabel="dev score (%)")
         ax.legend(fontsize=7)
@@ -152,7 +183,7 @@ def main(argv=None):
     out = args.out or Path(args.runs[0])
     runs, skipped = load_runs(args.runs)
     for s in skipped:
-        print(f"skipped, not finished: {s}", file=sys.stderr)
+        print(f"skipped: {s}", file=sys.stderr)
     if not runs:
         sys.exit(f"error: no finished run (metrics.json, status finished) under {args.runs}")
     import matplotlib
@@ -161,8 +192,8 @@ def main(argv=None):
     rows = summarise(runs)
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "results.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["task", "method", "feedback", "n", "mean", "std",
-                                               "collapsed", "ratio"])
+        writer = csv.DictWriter(f, fieldnames=["task", "method", "feedback", "other", "n", "mean",
+                                               "std", "collapsed", "ratio"])
         writer.writeheader()
         writer.writerows({k: f"{v:.4f}" if k in ("mean", "std") else v for k, v in r.items()}
                          for r in rows)

@@ -2491,7 +2491,7 @@ RUN_CASES = [  # (make the extra flags, what the error line must name): data, mo
     (lambda tmp, m: bad_data(tmp, NOT_UTF8), "UnicodeDecodeError"),
     (lambda tmp, m: bad_data(tmp, other_column_names), "no column ['sentence1', 'sentence2']"),
     (lambda tmp, m: bad_data(tmp, None, "dev.tsv"), "missing file"),
-    (lambda tmp, m: ["--teacher", str(tmp / "no-such-model")], "could not load --teacher"),
+    (lambda tmp, m: ["--teacher", str(tmp / "no-such-model")], "no such folder"),
     (lambda tmp, m: bad_model(tmp, m, ["config.json"]), "or a folder holds none"),
     (lambda tmp, m: bad_model(tmp, m, ["config.json", "model.safetensors"]),
      "or a folder holds none"),
@@ -2551,8 +2551,17 @@ def test_bad_flags_end_in_one_usage_error(extra, needle, model_dir, tmp_path, ca
 def test_bad_files_and_folders_end_in_one_error_before_training(make, needle, model_dir, tmp_path,
                                                                 capsys, monkeypatch):
     monkeypatch.setattr(lgtm, "train_loop", lambda *a, **k: pytest.fail("bad input trained"))
-    argv = with_flags(cli(model_dir, tmp_path / "run"), make(tmp_path, model_dir))
+    argv = with_flags(cli(model_dir, tmp_path / "runs" / "run"), make(tmp_path, model_dir))
     assert_one_clear_error(run_in_process(argv, capsys), needle)
+    assert not (tmp_path / "runs").exists()  # a failed start leaves no folder it made
+
+
+def test_a_mistyped_flag_gets_one_line_naming_the_flag_meant(model_dir, tmp_path, capsys):
+    argv = cli(model_dir, tmp_path / "run") + ["--tsak", "rte", "--lr=3"]
+    code, printed = run_in_process(argv, capsys)()
+    assert code == 2
+    assert printed.splitlines() == ["error: unrecognized arguments: --tsak rte --lr=3 (--tsak: did "
+                                    "you mean --task?); python lgtm.py --help lists the flags"]
 
 
 def test_without_the_hub_one_message_names_every_input_that_needs_it(model_dir, tmp_path, capsys,
@@ -2670,7 +2679,7 @@ def test_results_table_and_figures_from_run_directories(model_dir, tmp_path):
     with open(tmp_path / "runs" / "results.csv") as f:
         rows = {r["method"]: r for r in csv.DictReader(f)}
     assert set(rows) == {"kd", "lgtm"}
-    assert list(rows["kd"])[:6] == ["task", "method", "feedback", "n", "mean", "std"]
+    assert list(rows["kd"])[:7] == ["task", "method", "feedback", "other", "n", "mean", "std"]
     for method, values in scores.items():  # mean and sample std by hand
         mean = sum(values) / len(values)
         std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
@@ -2698,6 +2707,36 @@ def test_results_counts_a_run_collapsed_by_its_best_student_only(tmp_path):
     runs, _ = results.load_runs([tmp_path])
     collapsed = {r["seed"]: r["collapsed"] for r in runs}
     assert collapsed == {1: False, 2: True}
+
+
+def test_results_never_averages_runs_of_other_settings_or_of_one_seed(tmp_path, capsys):
+    """A 48-step run and a 2-step check of the same seed are two settings; a second folder of
+    the same setting and seed counts once, and is named."""
+    import results
+
+    def write(name, seed, score, **flags):
+        args = {"task": "sst2", "method": "lgtm", "seed": seed, "feedback_split": 0.0,
+                "max_steps": None, "output_dir": str(tmp_path / name), "logging_steps": 20}
+        args.update(flags)
+        run = {"args": args, "status": "finished", "history": [],
+               "best": {"step": 4, "student": {"score": score}}}
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics.json").write_text(json.dumps(run))
+
+    write("first", 42, 0.76)
+    write("first-again", 42, 0.70, logging_steps=5)  # the same setting and seed elsewhere
+    write("first-seed-43", 43, 0.80)
+    write("torchrun-check", 42, 0.50, max_steps=2)
+    table = results.main([str(tmp_path), "--out", str(tmp_path / "table")])
+    assert f"{tmp_path / 'first-again'} (the same setting and seed as {tmp_path / 'first'})" in (
+        capsys.readouterr().err)
+    with open(tmp_path / "table" / "results.csv") as f:
+        rows = {r["other"]: r for r in csv.DictReader(f)}
+    assert set(rows) == {"--max-steps None", "--max-steps 2"}
+    assert (rows["--max-steps None"]["n"], rows["--max-steps 2"]["n"]) == ("2", "1")
+    assert float(rows["--max-steps None"]["mean"]) == pytest.approx(78.0)
+    assert float(rows["--max-steps 2"]["mean"]) == pytest.approx(50.0)
+    assert "| sst2 | dev | lgtm | --max-steps 2 | 50.00 ± 0.00 | 1 |" in table
 
 
 TUTORIAL = HERE / "tutorial.ipynb"
