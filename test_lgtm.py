@@ -1705,12 +1705,14 @@ def test_the_lgtm_section_runs_alone(tmp_path):
         lifted.Options(fd_radius=float("inf"))
 
 
-def readme_blocks(heading, language):
-    """The code blocks of a README section, in order."""
-    readme = (HERE / "README.md").read_text()
+def readme_blocks(heading, language, page="README.md"):
+    """The code blocks of a section of README.md (or of another page) whose fence names the
+    language (a regular expression; "" for none), in order."""
+    readme = (HERE / page).read_text()
     section = readme[readme.index(heading):]
     section = section[:section.index("\n## ", 3)]
-    return re.findall(f"```{language}\n(.*?)```", section, re.S)
+    blocks = re.findall(r"^```(\w*)\n(.*?)^```$", section, re.S | re.M)
+    return [code for fence, code in blocks if re.fullmatch(language, fence)]
 
 
 def run_readme_block(code, folder, cwd):
@@ -1737,11 +1739,11 @@ def test_the_readme_snippet_prints_what_the_readme_shows(tmp_path):
 
 
 @needs_minilm
-def test_the_readme_blocks_after_the_snippet_run_as_pasted(tmp_path):
-    """The halves, the bf16 recipe and the accelerate recipe, each pasted after the snippet, run
-    and print the lines they end with."""
-    snippet, halves, bf16, accelerate = readme_blocks("## Use it in your own trainer", "python")[:4]
-    run_readme_block(snippet + halves, tmp_path, tmp_path)
+def test_the_reference_recipes_run_after_the_readme_snippet(tmp_path):
+    """docs/reference.md's bf16 and accelerate recipes, each pasted after README.md's snippet,
+    run and print the lines they end with."""
+    snippet = readme_blocks("## Use it in your own trainer", "python")[0]
+    bf16, accelerate = readme_blocks("## Using the step", "python", "docs/reference.md")[:2]
     recipes = {"bf16: student_loss ": bf16, "accelerate: student_loss ": accelerate}
     for printed, block in recipes.items():
         done = run_readme_block(snippet + block, tmp_path, tmp_path)
@@ -1749,15 +1751,43 @@ def test_the_readme_blocks_after_the_snippet_run_as_pasted(tmp_path):
 
 
 @needs_minilm
-def test_the_readme_trainer_recipe_runs_and_logs_the_teacher(tmp_path):
-    code, printed = readme_blocks("### Hugging Face Trainer", "(?:python)?")[:2]
-    code = code.replace('"runs/trainer"', repr(str(tmp_path / "trainer")))
-    done = run_readme_block(code, tmp_path, HERE)
-    logs = done.stdout.splitlines()
-    assert len(logs) == 3
-    assert logs[:2] == printed.splitlines()[:2]
-    assert "'influence_aux_ratio'" in logs[0]
-    assert "'w_mean'" in logs[1]
+def test_the_readme_python_blocks_run_in_order_and_print_what_it_shows(tmp_path):
+    """The snippet, the halves and the Trainer recipe, pasted in order into one session in the
+    repository's folder: the snippet's lines, then Trainer's log lines with the teacher's figures
+    (all but the line of the run's time)."""
+    snippet, halves, recipe = readme_blocks("## Use it in your own trainer", "python")[:3]
+    shown = readme_blocks("## Use it in your own trainer", "")
+    recipe = recipe.replace('"runs/trainer"', repr(str(tmp_path / "trainer")))
+    done = run_readme_block(snippet + halves + recipe, tmp_path, HERE)
+    printed = done.stdout.splitlines()
+    assert printed[:5] == shown[0].splitlines()
+    assert printed[5:7] == shown[1].splitlines()[:2]
+    assert "'influence_aux_ratio'" in printed[5]
+    assert len(printed) == 8
+
+
+def readme_commands():
+    """Each command of README.md that runs lgtm.py, its continuation lines joined, as flags."""
+    readme = (HERE / "README.md").read_text()
+    commands = []
+    for block in re.findall(r"```sh\n(.*?)```", readme, re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            words = line.split("#")[0].split()
+            if "lgtm.py" in words:
+                commands.append(words[words.index("lgtm.py") + 1:])
+    return commands
+
+
+def test_every_readme_command_of_lgtm_py_parses(model_dir, monkeypatch):
+    """The first run, the paper's setting, the resume, torchrun's and the results' commands:
+    their flags are lgtm.py's, in combinations it takes (placeholders filled in)."""
+    commands = readme_commands()
+    assert len(commands) >= 6
+    fill = {"$M": str(model_dir), "M": "lgtm", "S": "1", "GLUE": str(SAMPLE)}
+    for words in commands:
+        argv = [fill.get(word, word) for word in words]
+        args = lgtm.parse_args(argv)
+        assert args.task in lgtm.TASKS
 
 
 # ----------------------------------------------------------------------------------------------
