@@ -1771,9 +1771,9 @@ def interrupt_cause(interrupt):
 
 
 def report(message):
-    """An error line on stderr; under torchrun from rank 0 alone (a failed start reaches every
-    process with the same message: together)."""
-    if rank() == 0:
+    """An error line on stderr; under torchrun from rank 0 alone, also before the processes join
+    their group (a failed start reaches every process with the same message: together)."""
+    if rank() == 0 and os.environ.get("RANK", "0") == "0":
         print(message, file=sys.stderr)
 
 

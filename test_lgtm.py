@@ -2594,6 +2594,15 @@ def test_a_mistyped_flag_gets_one_line_naming_the_flag_meant(model_dir, tmp_path
                                     "you mean --task?); python lgtm.py --help lists the flags"]
 
 
+def test_under_torchrun_a_usage_error_is_printed_by_rank_0_alone(model_dir, tmp_path, capsys,
+                                                                 monkeypatch):
+    argv = cli(model_dir, tmp_path / "run") + ["--tsak", "rte"]
+    for rank, lines in (("0", 1), ("1", 0)):
+        monkeypatch.setenv("RANK", rank)
+        code, printed = run_in_process(argv, capsys)()
+        assert (code, len(printed.splitlines())) == (2, lines)
+
+
 def test_without_the_hub_one_message_names_every_input_that_needs_it(model_dir, tmp_path, capsys,
                                                                      monkeypatch):
     from huggingface_hub import constants
