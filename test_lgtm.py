@@ -39,16 +39,19 @@ What they prove:
   with --gradient-accumulation-steps; SIGTERM to a torchrun job leaves the run's status written;
   flags that do not fit the processes end in one usage error;
 - section 1 of lgtm.py, copied out of the file with the imports above it, imports only the
-  standard library and torch and trains on its own; the README's snippet prints what the README
-  shows, and its Hugging Face Trainer recipe runs and logs the teacher;
+  standard library and torch and trains on its own; the README's Python blocks (the snippet, the
+  halves, the Trainer recipe) run in order and print what it shows, docs/reference.md's bf16 and
+  accelerate recipes run after the snippet, and every lgtm.py command of the README parses;
 - data: each GLUE file format against rows written out here; metrics against values by hand;
 - the command line end to end, the probe set and the logging cadence without effect on training,
   a table of bad inputs that each end in one `error:` line with no traceback, interrupts (Ctrl-C,
   SIGTERM), NaN losses and a full disk that keep what was written; a run stopped mid-epoch (by
   SIGTERM or Ctrl-C, in stage 1 or 2, on one process or one of two under torchrun) and resumed
   ends bit for bit as the run never stopped; --overwrite keeps the old run until the new one
-  saves a state;
-- benchmark.py, results.py, and tutorial.ipynb executed top to bottom.
+  saves a state; a failed start leaves no folder it made; a mistyped flag gets one line naming
+  the flag meant, from rank 0 alone under torchrun;
+- benchmark.py; results.py, which never averages runs of different settings or of one seed; and
+  tutorial.ipynb executed top to bottom.
 
 Nothing here needs the network or anything outside the repository. One test reads a whole GLUE
 copy where there is one (GLUE_DIR, or ../shared/glue) and says why it did not run where there is
