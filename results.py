@@ -112,9 +112,11 @@ def markdown(rows):
         ratio = "—"
         if r["ratio"] is not None:
             ratio = f"{r['ratio']:.1e}"
+        std = "—"  # a single run has no sample std
+        if r["n"] > 1:
+            std = f"{r['std']:.2f}"
         lines.append(f"| {r['task']} | {r['feedback']} | {r['method']} | {r['other']} | "
-                     f"{r['mean']:.2f} ± "
-                     f"{r['std']:.2f} | {r['n']} | {r['collapsed']} | {ratio} |")
+                     f"{r['mean']:.2f} ± {std} | {r['n']} | {r['collapsed']} | {ratio} |")
     return "\n".join(lines)
 
 
