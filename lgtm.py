@@ -1143,13 +1143,14 @@ def together(step, *args):
     return result
 
 
-def same_start_everywhere(seed, *models):
-    """Rank 0's weights on every process, as DistributedDataParallel would start, and dropout
-    seeded differently on each."""
+def broadcast_weights(*models):
+    """Under torchrun, rank 0's weights on every process, as DistributedDataParallel starts;
+    in a plain run, nothing."""
+    if not distributed():
+        return
     for model in models:
         for tensor in model.state_dict().values():
             dist.broadcast(tensor, 0)
-    torch.manual_seed(seed + rank())
 
 
 def row_parts(batch, parts):
@@ -1773,7 +1774,7 @@ def interrupt_cause(interrupt):
 def report(message):
     """An error line on stderr; under torchrun from rank 0 alone, also before the processes join
     their group (a failed start reaches every process with the same message: together)."""
-    if rank() == 0 and os.environ.get("RANK", "0") == "0":
+    if os.environ.get("RANK", "0") == "0":  # torchrun's; no group need be joined yet
         print(message, file=sys.stderr)
 
 
@@ -1788,7 +1789,8 @@ def run_experiment(args):
         remove_empty_folders(args.output_dir, made)  # a failed start leaves no folder behind
         raise
     if distributed():  # no collective may run inside together's steps
-        same_start_everywhere(args.seed, teacher, student)
+        broadcast_weights(teacher, student)
+        torch.manual_seed(args.seed + rank())  # each process draws its own dropout masks
     if args.compile:
         compile_models(teacher, student)
     run = together(start_run, args, tokenizer, state)

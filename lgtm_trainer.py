@@ -110,7 +110,7 @@ class LGTMTrainer(Trainer):
         feedback = [next(self.feedback_iterator()) for _ in self.step_batches]
         optimizer = getattr(self.optimizer, "optimizer", self.optimizer)  # the torch optimizer
         if self.state.global_step == 0:
-            same_teacher_everywhere(self.teacher)
+            lgtm.broadcast_weights(self.teacher)  # its gradients are averaged: equal start
         update = lgtm.teacher_gradient(self.teacher, student, optimizer, self.step_batches,
                                        feedback, self.lgtm_options)
         if self.args.max_grad_norm:
@@ -167,11 +167,3 @@ class LGTMTrainer(Trainer):
         state = torch.load(os.path.join(checkpoint, TEACHER_OPTIMIZER), weights_only=True)
         self.teacher_optimizer.load_state_dict(state["optimizer"])
         self.teacher_scheduler.load_state_dict(state["scheduler"])
-
-
-def same_teacher_everywhere(teacher):
-    """On several processes, rank 0's teacher everywhere, as DistributedDataParallel does for the
-    student (the teacher's gradients are averaged, so its weights must start equal)."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        for tensor in teacher.state_dict().values():
-            torch.distributed.broadcast(tensor, 0)
