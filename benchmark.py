@@ -140,7 +140,7 @@ def influence_and_gradient(influence, teacher, student, batch, v, precision):
     with torch.autocast(batch["labels"].device.type, torch.bfloat16, enabled=precision == "bf16"):
         t_logits = lgtm.forward(teacher, batch, dropout=False)
     fn = lgtm.influence_fd if influence == "fd" else lgtm.influence_exact
-    w = fn(student, v, batch, t_logits, lgtm.distillation_loss)
+    w = fn(student, v, batch, t_logits, lgtm.Options())
     grads = torch.autograd.grad(lgtm.influence_objective(w, 5e-5), list(teacher.parameters()))
     torch.set_float32_matmul_precision("highest")
     return w.detach().double(), torch.cat([g.flatten().double() for g in grads])

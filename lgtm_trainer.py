@@ -11,8 +11,8 @@ clipping (max_grad_norm), bf16, logging, evaluation and checkpoints. The teacher
 its own (teacher_learning_rate) with the student's schedule (lr_scheduler_type, its kwargs and
 warm-up), and its gradient is clipped to the same max_grad_norm. In each global step:
 
-1. the step's micro-batches (gradient_accumulation_steps of them) and as many feedback
-   micro-batches are taken together;
+1. Trainer takes the step's micro-batches (gradient_accumulation_steps of them) together, and as
+   many feedback micro-batches are taken with them;
 2. lgtm.teacher_gradient over them (lines 2-8 of Algorithm 1: the look-ahead and v of the whole
    batch, w and the gradient one micro-batch at a time), then the teacher's optimizer steps;
 3. each micro-batch's student loss against the updated teacher (line 9), weighted by its share
@@ -21,16 +21,20 @@ warm-up), and its gradient is clipped to the same max_grad_norm. In each global 
 So each model is updated once per global step. The influence passes run in strict fp32 under
 bf16: accelerate's autocast wrapper is taken off the student, and the step runs inside
 accelerator.autocast() instead (Trainer's evaluations of the student then run in fp32). fp16 is
-refused before any update. On several processes, the teacher starts from rank 0's weights and
-its gradients are averaged over the processes by lgtm's own all-reduce. The teacher is saved in each
-checkpoint's teacher/ folder, with its optimizer and schedule, and restored on resume. The logs
-gain teacher_loss, feedback_loss, influence_aux_ratio and w_mean, each a mean since the last log.
+refused before any update, and so are the arguments that would change a student's loss that
+LGTM computes itself (label_smoothing_factor, neftune_noise_alpha, compute_loss_func). On
+several processes, the teacher starts from rank 0's weights and its gradients are averaged over
+the processes by lgtm's own all-reduce. The teacher is saved with the student, in teacher/, and
+a checkpoint keeps its optimizer and schedule, restored by train(resume_from_checkpoint=...).
+The logs gain teacher_loss, feedback_loss, influence_aux_ratio and w_mean, each a mean since the
+last log.
 """
 import os
 
 import torch
 from transformers import Trainer
 from transformers.optimization import get_scheduler
+from transformers.trainer_utils import get_last_checkpoint
 
 import lgtm
 
@@ -41,38 +45,51 @@ TEACHER_OPTIMIZER = "teacher_optimizer.pt"
 class LGTMTrainer(Trainer):
     def __init__(self, *args, teacher, feedback_dataset, lgtm_options=lgtm.Options(),
                  teacher_learning_rate=3e-5, **kwargs):
+        super().__init__(*args, **kwargs)
+        refused = {"label_smoothing_factor": self.args.label_smoothing_factor or None,
+                   "neftune_noise_alpha": self.args.neftune_noise_alpha,
+                   "compute_loss_func": self.compute_loss_func}
+        for name, value in refused.items():
+            if value is not None:
+                raise ValueError(f"LGTMTrainer computes the student's loss itself (lgtm."
+                                 f"student_loss, in the look-ahead and in line 9): {name}="
+                                 f"{value!r} would change it in part or not at all; leave it "
+                                 f"unset")
         if lgtm_options.teacher_max_grad_norm:
             raise ValueError("LGTMTrainer clips the teacher to TrainingArguments.max_grad_norm, "
                              "as Trainer clips the student: leave "
                              "Options.teacher_max_grad_norm at 0 and set max_grad_norm")
-        super().__init__(*args, **kwargs)
         self.teacher = teacher.to(self.args.device)
         self.feedback_dataset = feedback_dataset
         self.lgtm_options = lgtm_options
-        self.teacher_learning_rate = teacher_learning_rate
-        self.teacher_optimizer = None
+        self.teacher_optimizer = torch.optim.AdamW(self.teacher.parameters(),
+                                                   teacher_learning_rate, weight_decay=0.0)
         self.teacher_scheduler = None
+        self.teacher_checkpoint = None  # the one train() resumes from
         self.feedback_batches = None
-        self.step_batches = []  # the micro-batches of the global step under way
-        self.step_rows = 0
-        self.micro_step = 0
+        self.step_share = 1  # each process's share of the global step's examples
         self.lgtm_logs = []  # the teacher's logs since the last log, on the device
 
     def _set_signature_columns_if_needed(self):
         """Keeps the columns that the teacher takes too (a BERT teacher's token_type_ids, say,
-        when the student is a DistilBERT), which Trainer would otherwise drop."""
+        when the student is a DistilBERT), which Trainer would otherwise drop. Private: Trainer
+        has no public hook for the columns it keeps."""
         super()._set_signature_columns_if_needed()
         for name in lgtm.MODEL_INPUTS:
             if name not in self._signature_columns:
                 self._signature_columns.append(name)
 
-    def create_optimizer(self, model=None):
-        optimizer = super().create_optimizer(model)
-        if self.teacher_optimizer is None:
-            self.teacher_optimizer = torch.optim.AdamW(self.teacher.parameters(),
-                                                       self.teacher_learning_rate,
-                                                       weight_decay=0.0)
-        return optimizer
+    def train(self, resume_from_checkpoint=None, **kwargs):
+        """Trainer's train(), the teacher resumed too: its weights now, its optimizer and
+        schedule as Trainer makes the student's."""
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
+        if resume_from_checkpoint:
+            folder = os.path.join(resume_from_checkpoint, TEACHER_DIR)
+            saved = type(self.teacher).from_pretrained(folder)
+            self.teacher.load_state_dict(saved.state_dict())
+            self.teacher_checkpoint = resume_from_checkpoint
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
 
     def create_scheduler(self, num_training_steps, optimizer=None):
         scheduler = super().create_scheduler(num_training_steps, optimizer)
@@ -81,38 +98,49 @@ class LGTMTrainer(Trainer):
             self.teacher_scheduler = get_scheduler(
                 self.args.lr_scheduler_type, self.teacher_optimizer, warmup, num_training_steps,
                 scheduler_specific_kwargs=self.args.lr_scheduler_kwargs)
+        if self.teacher_checkpoint is not None:
+            path = os.path.join(self.teacher_checkpoint, TEACHER_OPTIMIZER)
+            state = torch.load(path, weights_only=True)
+            self.teacher_optimizer.load_state_dict(state["optimizer"])
+            self.teacher_scheduler.load_state_dict(state["scheduler"])
+            self.teacher_checkpoint = None
         return scheduler
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
-        """Trainer takes a global step's micro-batches together: LGTM needs them all at once."""
+        """Trainer takes a global step's micro-batches together, which is when the teacher
+        learns from all of them (lines 2-8), before the student's first micro-batch."""
         batches, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
-        self.step_batches = [self._prepare_inputs(batch) for batch in batches]
-        self.step_rows = sum(len(batch["labels"]) for batch in self.step_batches)
-        self.micro_step = 0
+        if batches:
+            self.update_teacher([self._prepare_inputs(batch) for batch in batches])
         return batches, num_items
 
     def training_step(self, model, inputs, num_items_in_batch=None):
+        """Line 9 on one micro-batch: its share of the student's loss against the teacher just
+        updated."""
         model.train()
-        student = self.accelerator.unwrap_model(model, keep_fp32_wrapper=False)
         inputs = self._prepare_inputs(inputs)
         with self.accelerator.autocast():
-            if self.micro_step == 0:
-                self.update_teacher(student)
-            # Line 9: this micro-batch's share of the student's loss, against the new teacher.
             loss, _ = lgtm.distillation(self.teacher, model, inputs, self.lgtm_options)
-            loss = loss * (len(inputs["labels"]) / self.step_rows)
+            loss = loss * (len(inputs["labels"]) / self.step_share)
         self.accelerator.backward(loss)
-        self.micro_step += 1
         return loss.detach()
 
-    def update_teacher(self, student):
+    def update_teacher(self, batches):
         """Lines 2-8 over the global step's micro-batches, then the teacher's step."""
-        feedback = [next(self.feedback_iterator()) for _ in self.step_batches]
+        rows = sum(len(batch["labels"]) for batch in batches)
+        rows = torch.tensor(float(rows), device=self.args.device)
+        if lgtm.distributed():  # Trainer averages the processes' losses: weigh by rows
+            torch.distributed.all_reduce(rows)
+            rows /= torch.distributed.get_world_size()
+        self.step_share = float(rows)
+        feedback = [next(self.feedback_iterator()) for _ in batches]
         optimizer = getattr(self.optimizer, "optimizer", self.optimizer)  # the torch optimizer
+        student = self.accelerator.unwrap_model(self.model_wrapped, keep_fp32_wrapper=False)
         if self.state.global_step == 0:
             lgtm.broadcast_weights(self.teacher)  # its gradients are averaged: equal start
-        update = lgtm.teacher_gradient(self.teacher, student, optimizer, self.step_batches,
-                                       feedback, self.lgtm_options)
+        with self.accelerator.autocast():
+            update = lgtm.teacher_gradient(self.teacher, student, optimizer, batches, feedback,
+                                           self.lgtm_options)
         if self.args.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(self.teacher.parameters(), self.args.max_grad_norm)
         self.teacher_optimizer.step()
@@ -141,29 +169,15 @@ class LGTMTrainer(Trainer):
             self.lgtm_logs = []
         super().log(logs, start_time)
 
-    def _save(self, output_dir=None, state_dict=None):
-        super()._save(output_dir, state_dict)
-        output_dir = output_dir or self.args.output_dir
-        self.teacher.save_pretrained(os.path.join(output_dir, TEACHER_DIR))
-
-    def _save_optimizer_and_scheduler(self, output_dir):
-        super()._save_optimizer_and_scheduler(output_dir)
+    def save_model(self, output_dir=None, _internal_call=False):
+        """The student as Trainer saves it, and the teacher in teacher/; in a checkpoint
+        (Trainer's internal call) also the teacher's optimizer and schedule."""
+        super().save_model(output_dir, _internal_call)
         if not self.args.should_save:  # on several processes, the main one alone writes
             return
-        state = {"optimizer": self.teacher_optimizer.state_dict(),
-                 "scheduler": self.teacher_scheduler.state_dict()}
-        torch.save(state, os.path.join(output_dir, TEACHER_OPTIMIZER))
-
-    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
-        super()._load_from_checkpoint(resume_from_checkpoint, model)
-        saved = type(self.teacher).from_pretrained(os.path.join(resume_from_checkpoint,
-                                                                TEACHER_DIR))
-        self.teacher.load_state_dict(saved.state_dict())
-
-    def _load_optimizer_and_scheduler(self, checkpoint):
-        super()._load_optimizer_and_scheduler(checkpoint)
-        if checkpoint is None:
-            return
-        state = torch.load(os.path.join(checkpoint, TEACHER_OPTIMIZER), weights_only=True)
-        self.teacher_optimizer.load_state_dict(state["optimizer"])
-        self.teacher_scheduler.load_state_dict(state["scheduler"])
+        output_dir = output_dir or self.args.output_dir
+        self.teacher.save_pretrained(os.path.join(output_dir, TEACHER_DIR))
+        if _internal_call and not self.args.save_only_model:
+            state = {"optimizer": self.teacher_optimizer.state_dict(),
+                     "scheduler": self.teacher_scheduler.state_dict()}
+            torch.save(state, os.path.join(output_dir, TEACHER_OPTIMIZER))

