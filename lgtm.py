@@ -98,15 +98,15 @@ class Options:
 
 
 def ground_truth_loss(logits, labels):
-    """L_ce(y, f(x)) per sample (eq. 1, 3, 5); the squared error for one output (regression)."""
+    """L_ce(y, f(x)) per loss term (eq. 1, 3, 5); the squared error for one output (regression)."""
     if logits.shape[-1] == 1:
         return (logits.squeeze(-1) - labels.to(logits.dtype)) ** 2
     return F.cross_entropy(logits, labels, reduction="none")
 
 
 def distillation_loss(pred_logits, target_logits, kind="ce", temperature=1.0):
-    """D(target → pred) per sample: the soft cross-entropy against softmax(target / T), times T²,
-    or the mse of the logits. Through target, the student's D(T → S) reaches the teacher."""
+    """D(target → pred) per loss term: the soft cross-entropy against softmax(target / T), times
+    T², or the mse of the logits. Through target, the student's D(T → S) reaches the teacher."""
     if pred_logits.shape != target_logits.shape:
         raise ValueError(f"the models give logits of shapes {tuple(pred_logits.shape)} and "
                          f"{tuple(target_logits.shape)}: teacher and student need the same "
@@ -120,8 +120,8 @@ def distillation_loss(pred_logits, target_logits, kind="ce", temperature=1.0):
 
 
 def soft_cross_entropy(log_pred, target_logits, temperature):
-    """-T² Σ softmax(target / T) · log_pred per sample: linear in log_pred, so that the difference
-    of two such losses (eq. 10) is one call on the difference of the log-probabilities."""
+    """-T² Σ softmax(target / T) · log_pred per loss term: linear in log_pred, so that the
+    difference of two such losses (eq. 10) is one call on the difference of log_preds."""
     target = F.softmax(target_logits / temperature, dim=-1)
     return -(target * log_pred).sum(-1) * temperature ** 2
 
@@ -144,6 +144,7 @@ def teacher_aux_loss(teacher_logits, student_logits, labels, opts):
 
 
 MODEL_INPUTS = ("input_ids", "token_type_ids", "attention_mask")
+IGNORE = -100  # a label that takes no loss, as in transformers: a prompt's or padding's token
 
 
 def model_inputs(batch):
@@ -151,11 +152,42 @@ def model_inputs(batch):
     return {key: batch[key] for key in MODEL_INPUTS if key in batch}
 
 
+def loss_terms(batch):
+    """Where a batch's loss is taken: None for a classifier's (labels (batch,)), whose every row
+    is a term; for a causal LM's (labels (batch, length), IGNORE where no loss is taken), the
+    (rows, positions) of the logits that predict its labelled tokens, each one position before
+    its token, as the model's own loss shifts them."""
+    labels = batch.get("labels")
+    if labels is None or labels.dim() == 1:
+        return None
+    return torch.nonzero(labels[:, 1:] != IGNORE, as_tuple=True)
+
+
+def term_labels(batch):
+    """The label of each of the batch's loss terms: each row's, or each labelled token's."""
+    terms = loss_terms(batch)
+    if terms is None:
+        return batch["labels"]
+    rows, positions = terms
+    return batch["labels"][rows, positions + 1]
+
+
+def per_sample(values, batch):
+    """Values given per loss term as each row's mean: a sequence's D_i or w_i is the mean over
+    its labelled tokens, as its loss is."""
+    terms = loss_terms(batch)
+    if terms is None:
+        return values
+    counts = torch.bincount(terms[0], minlength=len(batch["labels"]))
+    sums = values.new_zeros(len(counts)).index_add(0, terms[0], values)
+    return sums / counts.clamp_min(1)
+
+
 def forward(model, batch, dropout, params=None):
-    """The model's logits (bf16 and fp16 made fp32) on a batch, with dropout or without, at its
-    own parameters or at params (name -> tensor); each submodule's mode is kept. The weights are
-    cast afresh: in one autocast region torch would reuse the copies it cast before an
-    optimizer step (the teacher's, before line 9)."""
+    """The model's logits (bf16 and fp16 made fp32) at the batch's loss terms, with dropout or
+    without, at its own parameters or at params (name -> tensor); each submodule's mode is
+    kept. The weights are cast afresh: in one autocast region torch would reuse the copies it
+    cast before an optimizer step (the teacher's, before line 9)."""
     torch.clear_autocast_cache()
     inputs = model_inputs(batch)
     modes = [(module, module.training) for module in model.modules()]
@@ -169,9 +201,16 @@ def forward(model, batch, dropout, params=None):
         for module, training in modes:
             module.training = training
     logits = getattr(output, "logits", output)
-    if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
-        raise ValueError(f"a model returned a {type(output).__name__}: the steps need logits "
-                         f"(batch, classes), as a tensor or as the output's .logits")
+    expected = (len(batch["input_ids"]),)  # a classifier's rows
+    if "labels" in batch:
+        expected = tuple(batch["labels"].shape)
+    if not isinstance(logits, torch.Tensor) or tuple(logits.shape[:-1]) != expected:
+        raise ValueError(f"a model returned {type(output).__name__} for labels {expected}: the "
+                         f"steps need logits (batch, classes), or a causal LM's (batch, length, "
+                         f"vocabulary) for labels (batch, length), as a tensor or as .logits")
+    terms = loss_terms(batch)
+    if terms is not None:
+        logits = logits[terms]
     if logits.dtype in (torch.float16, torch.bfloat16):
         return logits.float()
     return logits
@@ -186,34 +225,37 @@ def distributed():
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def global_mean(tensors, rows):
-    """Under torchrun, the row-weighted mean over the processes of tensors that each holds as a
-    mean over its own rows, in one all-reduce: so a step on each process's share of a batch is
-    the step on the whole batch. In a plain run, the tensors as they are."""
+def global_mean(tensors, terms):
+    """Under torchrun, the mean over the processes of tensors that each holds as a mean over its
+    own loss terms, weighted by their number, in one all-reduce: so a step on each process's
+    share of a batch is the step on the whole batch. In a plain run, the tensors as they are."""
     if not distributed():
         return list(tensors)
-    weighted = [t.reshape(-1).to(tensors[0].dtype) * rows for t in tensors]
-    flat = torch.cat(weighted + [tensors[0].new_tensor([rows])])
+    weighted = [t.reshape(-1).to(tensors[0].dtype) * terms for t in tensors]
+    flat = torch.cat(weighted + [tensors[0].new_tensor([terms])])
     dist.all_reduce(flat)
     means = (flat[:-1] / flat[-1]).split([t.numel() for t in tensors])
     return [mean.view_as(t).to(t.dtype) for mean, t in zip(means, tensors)]
 
 
 def batch_gradient(mean_loss, batches, params, retain_graph=False):
-    """(The gradient over params, the value) of a batch's mean loss, a micro-batch at a time
-    (mean_loss(micro_batch), weighted here by its share of the rows), so that memory is that of
-    one; under torchrun, of every process's rows. Every micro-batch loop goes through here."""
-    rows = sum(len(batch["labels"]) for batch in batches)
+    """(The gradient over params, the value) of a batch's mean loss over its loss terms (rows,
+    or labelled tokens, as model(**batch).loss takes it), a micro-batch at a time: mean_loss(
+    micro_batch) weighted by its share of the terms, so that memory is that of one; under
+    torchrun, of every process's terms. Every micro-batch loop goes through here."""
+    counts = [len(term_labels(batch)) for batch in batches]
     grads = [torch.zeros_like(p) for p in params]
-    total = 0
-    for batch in batches:
-        loss = mean_loss(batch) * (len(batch["labels"]) / rows)
+    total = params[0].new_zeros(())
+    for batch, count in zip(batches, counts):
+        if count == 0:  # no labelled token: nothing to add
+            continue
+        loss = mean_loss(batch) * (count / sum(counts))
         parts = torch.autograd.grad(loss, params, retain_graph=retain_graph,
                                     materialize_grads=True)
         for grad, part in zip(grads, parts):
             grad += part
         total = total + loss.detach()
-    *grads, total = global_mean(grads + [total], rows)
+    *grads, total = global_mean(grads + [total], sum(counts))
     return grads, total
 
 
@@ -268,7 +310,7 @@ def feedback_gradient(student, theta, feedback_batches):
 
     def validation_loss(batch):
         logits = forward(student, batch, dropout=True, params={**buffers, **theta})
-        return ground_truth_loss(logits, batch["labels"]).mean()
+        return ground_truth_loss(logits, term_labels(batch)).mean()
 
     return batch_gradient(validation_loss, feedback_batches, list(theta.values()))
 
@@ -377,7 +419,8 @@ def influence(teacher, student, v, batch, opts):
 
 
 def influence_objective(w, student_lr, student_alpha=0.0, weight=1.0):
-    """The term the teacher adds to its loss for the student (eq. 9-11, sign corrected):
+    """The term the teacher adds to its loss for the student (eq. 9-11, sign corrected), with w
+    given per loss term (a causal LM's tokens: the mean weighs each sequence by its tokens):
 
         -weight ηs (1 - αs) mean_i w_i
 
@@ -392,7 +435,7 @@ def influence_objective(w, student_lr, student_alpha=0.0, weight=1.0):
 class TeacherGradient(NamedTuple):
     """What teacher_gradient leaves besides the teacher's .grad."""
 
-    logs: dict  # teacher_loss, feedback_loss, w (this process's rows), influence_aux_ratio
+    logs: dict  # teacher_loss, feedback_loss, w (one a row of this process), influence_aux_ratio
     student_grads: list  # ∇θs L_s at θs, the look-ahead's gradient (meta's student step)
     student_loss: torch.Tensor  # L_s at θs
     student_logits: torch.Tensor | None  # the look-ahead's (lines 3-4), with their graph, if
@@ -406,7 +449,7 @@ def distillation(teacher, student, batch, opts, student_logits=None):
         targets = forward(teacher, batch, dropout=False)
     if student_logits is None:
         student_logits = forward(student, batch, dropout=True)
-    return student_loss(student_logits, targets, batch["labels"], opts), student_logits
+    return student_loss(student_logits, targets, term_labels(batch), opts), student_logits
 
 
 def teacher_gradient(teacher, student, student_optimizer, batch, feedback_batch, opts=Options(),
@@ -439,19 +482,19 @@ def teacher_gradient(teacher, student, student_optimizer, batch, feedback_batch,
     v, feedback_loss = feedback_gradient(student, theta, feedback_batches)
     ws = []
 
-    def influence_term(batch):  # line 7: w_i (eq. 8, 10), in the teacher's term (eq. 11)
-        ws.append(influence(teacher, student, v, batch, opts))
-        return influence_objective(ws[-1], lr, opts.student_alpha, opts.influence_weight)
+    def influence_term(batch):  # line 7: w (eq. 8, 10), in the teacher's term (eq. 11)
+        w = influence(teacher, student, v, batch, opts)
+        ws.append(per_sample(w.detach(), batch))
+        return influence_objective(w, lr, opts.student_alpha, opts.influence_weight)
 
     # Line 8: the gradient of the teacher's loss (eq. 11): the influence term's, plus L_aux's.
     teacher_params = list(trainable(teacher).values())
     gradient, objective = batch_gradient(influence_term, batches, teacher_params)
-    logs = {"teacher_loss": objective, "feedback_loss": feedback_loss,
-            "w": torch.cat(ws).detach()}
+    logs = {"teacher_loss": objective, "feedback_loss": feedback_loss, "w": torch.cat(ws)}
     if aux:
         def aux_loss(batch):  # L_aux: online's eq. 3, the teacher with dropout
             logits = forward(teacher, batch, dropout=True)
-            return teacher_aux_loss(logits, batch["student_logits"], batch["labels"], opts)
+            return teacher_aux_loss(logits, batch["student_logits"], term_labels(batch), opts)
 
         targeted = [dict(b, student_logits=s) for b, s in zip(batches, lookahead_logits)]
         aux_grads, aux_value = batch_gradient(aux_loss, targeted, teacher_params)
@@ -497,12 +540,14 @@ def lgtm_step(teacher, student, teacher_optimizer, student_optimizer, batch, fee
               opts=Options()):
     """One iteration of Algorithm 1 on z^r and z^e: the teacher's update, then the student's.
     A batch is a dict with input_ids and labels and, where the models take them, attention_mask
-    and token_type_ids (one tokenizer for both), or a list of such micro-batches. Each model
-    returns logits (batch, classes) or an output with .logits, and keeps fp32 weights (bf16
-    autocast around the step is fine). Steps no scheduler, reads nothing from the device, keeps
-    the models' modes; each model's .grad holds what its optimizer stepped with. With influence
-    'fd' a step costs 8 teacher and 10 student forward passes (a backward counts as two); 8 and
-    11 in micro-batches."""
+    and token_type_ids (one tokenizer for both), or a list of such micro-batches. A classifier
+    returns logits (batch, classes) for labels (batch,); a causal LM (batch, length, vocabulary)
+    for labels (batch, length), unshifted, IGNORE where no loss is taken, as transformers'
+    collators make them. Logits come as a tensor or as .logits; the student keeps fp32 weights
+    where it trains (bf16 autocast around the step is fine). Steps no scheduler, keeps the
+    models' modes (and, for a classifier, reads nothing from the device); each model's .grad
+    holds what its optimizer stepped with. With influence 'fd' a step costs 8 teacher and 10
+    student forward passes (a backward counts as two); 8 and 11 in micro-batches."""
     check_optimizers(teacher_optimizer, student_optimizer)
     update = teacher_gradient(teacher, student, student_optimizer, batch, feedback_batch, opts)
     step_teacher(teacher, teacher_optimizer, opts)
@@ -536,6 +581,8 @@ def micro_batches(batch, name):
                              f"take {', '.join(MODEL_INPUTS)}, the labels are under 'labels'")
         if len(part["labels"]) == 0:
             raise ValueError(f"{name} holds no examples: give at least one")
+    if sum(len(term_labels(part)) for part in batches) == 0:
+        raise ValueError(f"{name} has no labelled token: every label is {IGNORE}")
     return batches
 
 
@@ -550,8 +597,12 @@ def check_optimizers(*optimizers):
 
 
 def check_models(teacher, student):
-    """Refused by each half before it runs: fp16 autocast, and two models of different
-    vocabulary sizes."""
+    """Refused by each half before it runs: fp16 autocast, an encoder-decoder model, and two
+    models of different vocabulary sizes."""
+    for model in (teacher, student):
+        if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+            raise ValueError(f"{type(model).__name__} is an encoder-decoder model: the steps "
+                             f"take classifiers and causal LMs (decoder-only)")
     device_type = next(student.parameters()).device.type
     if torch.is_autocast_enabled(device_type):
         if torch.get_autocast_dtype(device_type) == torch.float16:
@@ -622,7 +673,7 @@ def online_teacher_gradient(teacher, student, batch, opts=Options()):
         logits = forward(teacher, batch, dropout=True)
         with torch.set_grad_enabled(whole):  # micro-batches: values only, as L_aux needs
             student_logits.append(forward(student, batch, dropout=True))
-        return teacher_aux_loss(logits, student_logits[-1], batch["labels"], opts)
+        return teacher_aux_loss(logits, student_logits[-1], term_labels(batch), opts)
 
     params = list(trainable(teacher).values())
     grads, loss = batch_gradient(aux_loss, batches, params)
@@ -1024,7 +1075,6 @@ def evaluate(model, dev, task, device):
 
 
 def rank():
-    """This process's rank under torchrun; 0 in a plain run."""
     if distributed():
         return dist.get_rank()
     return 0
@@ -1100,8 +1150,7 @@ def share(batch, device, accumulation):
 
 
 def too_few_to_share(rows):
-    """Whether an epoch's last batch of this many rows is left out: under torchrun, when it has
-    fewer rows than there are processes."""
+    """Whether an epoch's last batch of this many rows is left out: fewer than the processes."""
     return 0 < rows < world_size()
 
 
@@ -1225,21 +1274,18 @@ def write_whole(path, write):
 
 
 def logged_until(path, state):
-    """The lines of train_log.jsonl up to the step of a saved state (none for stage 1's),
-    without a last line that a full disk cut short."""
-    last = 0
-    if state["stage"] == 2:
-        last = state["step"]
+    """The lines of train_log.jsonl up to the step of a saved state of stage 2 (none for stage
+    1's), a line cut short left out."""
+    kept = []
     lines = []
     if path.is_file():
         lines = path.read_text().splitlines(keepends=True)
-    kept = []
     for line in lines:
         try:
             step = json.loads(line)["step"]
-        except ValueError:  # a line cut short
+        except ValueError:  # cut short
             break
-        if step > last or not line.endswith("\n"):
+        if state["stage"] == 1 or step > state["step"] or not line.endswith("\n"):
             break
         kept.append(line)
     return kept
@@ -1272,19 +1318,13 @@ def stops_after_a_step():
         IN_LOOP.pop()
 
 
-def stop_asked():
-    """Whether a SIGTERM reached any process: under torchrun they agree after each step (over
-    gloo, a CPU tensor: no GPU is waited for), so that all stop after the same one."""
-    asked = torch.tensor([len(TERMINATED)])
-    if distributed():
-        dist.all_reduce(asked, op=dist.ReduceOp.MAX)
-    return bool(asked.item() > 0)
-
-
 def end_step(run, stage, step, parts, saving):
     """After a step: its state saved if saving, or if a SIGTERM reached any process, which then
-    stops the run."""
-    stopping = stop_asked()
+    stops the run. Under torchrun the processes agree (a CPU tensor, over gloo: no GPU is waited
+    for), so that all stop after the same step."""
+    stopping = torch.tensor([len(TERMINATED)])
+    if distributed():
+        dist.all_reduce(stopping, op=dist.ReduceOp.MAX)
     if saving or stopping:
         save_state(run, stage, step, parts)
     if stopping:
@@ -1867,17 +1907,13 @@ def check_output_dir(args):
     if not os.access(folder, os.W_OK | os.X_OK):
         raise cannot_write(out, f"{folder} is not writable")
     held = [name for name in RUN_FILES if (out / name).exists()]
-    saved = (out / STATE).is_file()
-    if args.resume and not saved and held:
-        raise UserError(f"--resume: {out} holds a run that saved no state ({STATE}): start it "
-                        f"again with --overwrite")
+    saved = STATE in held
+    if held and not saved and not args.overwrite:  # a run stopped before its first save
+        raise UserError(f"--output-dir {out} holds a run that saved no state ({STATE}): pass "
+                        f"--overwrite to start it again, or choose another --output-dir")
     if args.resume and not saved:
         raise UserError(f"--resume: {out} holds no saved state ({STATE}) to continue from: "
                         f"start the run without --resume")
-    if held and not saved and not args.overwrite:
-        raise UserError(f"--output-dir {out} already holds a run that saved no state "
-                        f"({', '.join(held)}): pass --overwrite to start it again, or choose "
-                        f"another --output-dir")
     if held and not (args.overwrite or args.resume):
         raise UserError(f"--output-dir {out} already holds a run ({', '.join(held)}): pass "
                         f"--resume to continue it, --overwrite to replace it, or choose another "
@@ -2083,20 +2119,18 @@ def write_predictions(data, run):
 
 def stopped(run, error):
     """The one-line error of a run stopped by bad input, a full disk, an interrupt or another
-    process, once metrics.json says how it ended (where it can be written), which no further
-    signal interrupts."""
+    process, once metrics.json says how it ended where it can; no further signal interrupts."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     code = 1
-    status = f"stopped: could not write ({one_line(error)})"
+    status = str(error)  # a UserError's
+    if isinstance(error, OSError):
+        status = f"stopped: could not write ({one_line(error)})"
     if isinstance(error, RuntimeError):
         status = f"stopped: another process of the job ended ({one_line(error)[:300]})"
     if isinstance(error, KeyboardInterrupt):
-        cause = interrupt_cause(error)
-        status = f"interrupted ({cause})"
-        code = EXIT_CODES.get(cause, 130)
-    elif isinstance(error, UserError):
-        status = str(error)
+        status = f"interrupted ({interrupt_cause(error)})"
+        code = EXIT_CODES.get(interrupt_cause(error), 130)
     with contextlib.suppress(OSError):
         run.save(status=status)
     best = run.metrics["best"]

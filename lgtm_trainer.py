@@ -6,6 +6,9 @@
                           data_collator=DataCollatorWithPadding(tokenizer))
     trainer.train()
 
+Classifiers, or causal LMs with a causal-LM collator (DataCollatorForLanguageModeling(tokenizer,
+mlm=False), or one that sets the prompt's labels to -100).
+
 Trainer stays in charge of the student: its optimizer and schedule, gradient accumulation,
 clipping (max_grad_norm), bf16, logging, evaluation and checkpoints. The teacher gets an AdamW of
 its own (teacher_learning_rate) with the student's schedule (lr_scheduler_type, its kwargs and
@@ -16,7 +19,8 @@ warm-up), and its gradient is clipped to the same max_grad_norm. In each global 
 2. lgtm.teacher_gradient over them (lines 2-8 of Algorithm 1: the look-ahead and v of the whole
    batch, w and the gradient one micro-batch at a time), then the teacher's optimizer steps;
 3. each micro-batch's student loss against the updated teacher (line 9), weighted by its share
-   of the step's examples, is what Trainer backpropagates and steps with.
+   of the step's loss terms (rows, or a causal LM's labelled tokens), is what Trainer
+   backpropagates and steps with.
 
 So each model is updated once per global step. The influence passes run in strict fp32 under
 bf16: accelerate's autocast wrapper is taken off the student, and the step runs inside
@@ -67,7 +71,7 @@ class LGTMTrainer(Trainer):
         self.teacher_scheduler = None
         self.teacher_checkpoint = None  # the one train() resumes from
         self.feedback_batches = None
-        self.step_share = 1  # each process's share of the global step's examples
+        self.step_share = 1  # each process's share of the global step's loss terms
         self.lgtm_logs = []  # the teacher's logs since the last log, on the device
 
     def _set_signature_columns_if_needed(self):
@@ -121,18 +125,18 @@ class LGTMTrainer(Trainer):
         inputs = self._prepare_inputs(inputs)
         with self.accelerator.autocast():
             loss, _ = lgtm.distillation(self.teacher, model, inputs, self.lgtm_options)
-            loss = loss * (len(inputs["labels"]) / self.step_share)
+            loss = loss * (len(lgtm.term_labels(inputs)) / self.step_share)
         self.accelerator.backward(loss)
         return loss.detach()
 
     def update_teacher(self, batches):
         """Lines 2-8 over the global step's micro-batches, then the teacher's step."""
-        rows = sum(len(batch["labels"]) for batch in batches)
-        rows = torch.tensor(float(rows), device=self.args.device)
-        if lgtm.distributed():  # Trainer averages the processes' losses: weigh by rows
-            torch.distributed.all_reduce(rows)
-            rows /= torch.distributed.get_world_size()
-        self.step_share = float(rows)
+        terms = sum(len(lgtm.term_labels(batch)) for batch in batches)
+        terms = torch.tensor(float(terms), device=self.args.device)
+        if lgtm.distributed():  # Trainer averages the processes' losses: weigh by terms
+            torch.distributed.all_reduce(terms)
+            terms /= torch.distributed.get_world_size()
+        self.step_share = float(terms)
         feedback = [next(self.feedback_iterator()) for _ in batches]
         optimizer = getattr(self.optimizer, "optimizer", self.optimizer)  # the torch optimizer
         student = self.accelerator.unwrap_model(self.model_wrapped, keep_fp32_wrapper=False)

@@ -1260,6 +1260,255 @@ def test_the_errors_of_a_wrapped_optimizer_and_of_the_exact_path_give_the_real_f
 
 
 # ----------------------------------------------------------------------------------------------
+# Causal language models: the same step on sequences, each sample a sequence of labelled tokens
+# ----------------------------------------------------------------------------------------------
+
+def causal_lm(family, seed, layers=2, dtype=torch.float64, attention="eager", vocab=60):
+    """A tiny random GPT-2 or Llama without dropout."""
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(seed)
+    if family == "gpt2":
+        config = GPT2Config(vocab_size=vocab, n_positions=32, n_embd=16, n_layer=layers, n_head=2,
+                            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=1,
+                            eos_token_id=2, attn_implementation=attention)
+        return GPT2LMHeadModel(config).to(dtype)
+    config = LlamaConfig(vocab_size=vocab, hidden_size=16, intermediate_size=32,
+                         num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=1,
+                         max_position_embeddings=32, bos_token_id=1, eos_token_id=2,
+                         attn_implementation=attention)
+    return LlamaForCausalLM(config).to(dtype)
+
+
+# How closely float64 reaches: Llama's RMSNorm computes in float32 even in a float64 model.
+AGREEMENT = {"gpt2": 1e-8, "llama": 1e-5}
+
+
+def lm_batch(seed, size=4, length=9):
+    """Prompts and right padding of uneven lengths, labelled as transformers' collators label
+    them: the input ids unshifted, -100 on the prompt and on the padding."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 60, (size, length), generator=g)
+    mask = torch.ones(size, length, dtype=torch.long)
+    labels = ids.clone()
+    for i in range(size):
+        mask[i, length - i:] = 0
+        labels[i, length - i:] = -100
+        labels[i, :1 + i % 3] = -100  # the prompt
+    return {"input_ids": ids * mask, "attention_mask": mask, "labels": labels}
+
+
+def lm_inputs(batch):
+    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+
+
+def token_losses(s_logits, t_logits, labels, alpha, temperature=2.0):
+    """By hand, per labelled token: the logits at t against the label at t + 1, α CE + (1 - α)
+    soft CE against the other model's logits."""
+    y = labels[:, 1:]
+    labelled = y != -100
+    s = s_logits[:, :-1][labelled]
+    t = t_logits[:, :-1][labelled]
+    hard = F.cross_entropy(s, y[labelled], reduction="none")
+    return alpha * hard + (1 - alpha) * soft_ce(s, t, temperature)
+
+
+def unrolled_lm_validation_loss(teacher, student, batch, feedback, lr, student_alpha):
+    """L_val(θs'(θt)) through one SGD step on the mean over the batch's labelled tokens, L_val
+    as the model's own loss (model(**feedback).loss)."""
+    names, params = zip(*student.named_parameters())
+    t_logits = teacher.eval()(**lm_inputs(batch)).logits
+    s_logits = student(**lm_inputs(batch)).logits
+    loss_s = token_losses(s_logits, t_logits, batch["labels"], student_alpha)
+    grads = torch.autograd.grad(loss_s.mean(), params, create_graph=True)
+    theta = {n: p - lr * g for n, p, g in zip(names, params, grads)}
+    return functional_call(student, theta, (), {**lm_inputs(feedback),
+                                                "labels": feedback["labels"]}).loss
+
+
+def trainable_gradients(loss, model):
+    return torch.autograd.grad(loss, [p for p in model.parameters() if p.requires_grad])
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_causal_lm_influences_per_sequence_by_autograd_and_fd_error_like_eps_squared(family):
+    """w_i of a sequence is ∇θs D_i · v, D_i the mean of its labelled tokens' D: by the exact
+    path against per-sequence autograd gradients, and its teacher gradient against double
+    backward (float64, to AGREEMENT); by finite differences with an error that shrinks like
+    eps^2."""
+    teacher = causal_lm(family, 0, layers=3)
+    student = causal_lm(family, 1)
+    batch = lm_batch(10)
+    v = [torch.randn_like(p) for p in student.parameters()]
+    x = lm_inputs(batch)
+    t_logits = teacher(**x).logits
+    per_token = token_losses(student(**x).logits, t_logits, batch["labels"], 0.0)  # D
+    rows = torch.nonzero(batch["labels"][:, 1:] != -100, as_tuple=True)[0]
+    params = list(student.parameters())
+    w_ref = []
+    for i in range(len(batch["labels"])):
+        d_i = per_token[rows == i].mean()
+        w_ref.append(flat(torch.autograd.grad(d_i, params, retain_graph=True)) @ flat(v))
+    g = torch.autograd.grad(per_token.mean(), params, create_graph=True)
+    g_ref = gradients(sum((gi * vi).sum() for gi, vi in zip(g, v)), teacher)
+    errors = {}
+    for name, radius in (("exact", 0.01), (0.4, 0.4), (0.2, 0.2), (0.1, 0.1)):
+        opts = lgtm.Options(temperature=2.0, fd_radius=radius)
+        t_terms = lgtm.forward(teacher, batch, dropout=False)
+        fn = INFLUENCES["exact" if name == "exact" else "fd"]
+        w = fn(student, v, batch, t_terms, opts)
+        g_w = gradients(w.mean(), teacher)
+        if name == "exact":
+            w_sequences = lgtm.per_sample(w, batch).detach()
+            assert relative_error(w_sequences, torch.stack(w_ref)) < AGREEMENT[family]
+            assert relative_error(flat(g_w), flat(g_ref)) < AGREEMENT[family]
+        else:
+            errors[radius] = relative_error(flat(g_w), flat(g_ref))
+    pairs = ((0.4, 0.2), (0.2, 0.1))
+    slopes = [math.log(errors[a] / errors[b]) / math.log(a / b) for a, b in pairs]
+    assert all(1.8 < s < 2.2 for s in slopes), (errors, slopes)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+@pytest.mark.parametrize("influence", ["fd", "exact"])
+def test_causal_lm_step_is_aux_plus_meta_gradient_then_line_9_from_the_new_teacher(family,
+                                                                                  influence):
+    """lgtm_step on sequences with prompts and padding, float64, SGD: the teacher's gradient is
+    L_aux's plus the meta-gradient by autograd through the unrolled step on the mean over the
+    batch's labelled tokens, the student's is L_s against the teacher just updated, and w has
+    one value a sequence."""
+    teacher = causal_lm(family, 5, layers=3)
+    student = causal_lm(family, 6)
+    ref_teacher = copy.deepcopy(teacher)
+    ref_student = copy.deepcopy(student)
+    batch = lm_batch(5)
+    feedback = lm_batch(6, size=3)
+    opts = lgtm.Options(influence=influence, fd_radius=1e-4, student_alpha=0.3, temperature=2.0)
+    optimizers = [torch.optim.SGD(model.parameters(), lr=0.5) for model in (teacher, student)]
+    out = lgtm.lgtm_step(teacher, student, *optimizers, batch, feedback, opts)
+    x = lm_inputs(batch)
+    s_logits = ref_student(**x).logits
+    aux = token_losses(ref_teacher(**x).logits, s_logits.detach(), batch["labels"], 0.6).mean()
+    unrolled = unrolled_lm_validation_loss(ref_teacher, ref_student, batch, feedback, 0.5, 0.3)
+    expected = [a + m for a, m in zip(gradients(aux, ref_teacher),
+                                       gradients(unrolled, ref_teacher))]
+    tolerance = max(AGREEMENT[family], 1e-6 * (influence == "fd"))  # FD: 1e-6 at r = 1e-4
+    assert relative_error(flat(grads_of(teacher)), flat(expected)) < tolerance
+    assert out["w"].shape == (4,)
+    with torch.no_grad():
+        t_new = teacher(**x).logits
+    g_student = gradients(token_losses(s_logits, t_new, batch["labels"], 0.3).mean(), ref_student)
+    assert relative_error(flat(grads_of(student)), flat(g_student)) < AGREEMENT[family]
+
+
+@pytest.mark.parametrize("method", ["lgtm", "meta", "online", "kd"])
+def test_causal_lm_micro_batches_of_unequal_tokens_make_the_step_of_the_whole_batch(method):
+    """Rows 3 + 1 hold 18 and 5 labelled tokens: each micro-batch weighs by its tokens (not its
+    rows, not 1/2 each), so two steps equal those on the whole batch to 1e-10."""
+    batch = lm_batch(40)
+    feedback = lm_batch(41, size=3)
+    parts = micro(batch, [3, 1])
+    tokens = [int((part["labels"][:, 1:] != -100).sum()) for part in parts]
+    assert tokens == [18, 5]
+    results = []
+    for split in (False, True):
+        teacher = causal_lm("llama", 5, layers=3)
+        student = causal_lm("llama", 6)
+        optimizers = [lgtm.make_optimizer(m, 1e-2, 10)[0] for m in (teacher, student)]
+        for _ in range(2):
+            lgtm.STEPS[method](teacher, student, *optimizers, parts if split else batch,
+                               micro(feedback, [1, 2]) if split else feedback,
+                               lgtm.Options(fd_radius=1e-4))
+        results.append(flat_parameters(teacher, student))
+    assert relative_error(results[1], results[0]) < 1e-9
+
+
+def test_what_the_step_cannot_do_right_for_sequences_is_refused_before_any_update():
+    """An encoder-decoder model, models of two vocabularies (two tokenizers), labels that do not
+    fit the logits, a batch whose every label is -100: one ValueError each, nothing updated."""
+    from transformers import T5Config, T5ForConditionalGeneration
+    config = T5Config(vocab_size=60, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2,
+                      decoder_start_token_id=0)
+    other_vocabulary = causal_lm("gpt2", 7, vocab=80)
+    batch = lm_batch(1)
+    ignored = dict(batch, labels=torch.full_like(batch["labels"], -100))
+    cases = [(T5ForConditionalGeneration(config).double(), batch, "encoder-decoder"),
+             (other_vocabulary, batch, "vocabulary has 60 ids and the student's 80"),
+             (causal_lm("gpt2", 8), dict(batch, labels=batch["labels"][:, 0]), "for labels (4,)"),
+             (causal_lm("gpt2", 8), ignored, "has no labelled token")]
+    teacher = causal_lm("gpt2", 6)
+    for student, bad, needle in cases:
+        before = flat_parameters(teacher, student)
+        optimizers = [torch.optim.SGD(model.parameters(), lr=0.5) for model in (teacher, student)]
+        for method in lgtm.STEPS:
+            with pytest.raises(ValueError, match=re.escape(needle)):
+                lgtm.STEPS[method](teacher, student, *optimizers, bad, lm_batch(2), OPTS)
+        assert torch.equal(flat_parameters(teacher, student), before)
+
+
+def lora(model, family, init=True):
+    from peft import LoraConfig, get_peft_model
+    modules = {"gpt2": ["c_attn"], "llama": ["q_proj", "v_proj"]}[family]
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=modules, lora_dropout=0.0,
+                        init_lora_weights=init)
+    return get_peft_model(model, config)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_a_lora_teacher_takes_the_exact_step_over_its_adapter_weights(family):
+    """A teacher too large to train whole learns through adapters (peft): its gradient, over
+    the adapter weights alone, is L_aux's plus the meta-gradient by autograd (float64)."""
+    teacher = lora(causal_lm(family, 5, layers=3), family, init=False)
+    student = causal_lm(family, 6)
+    ref_teacher = copy.deepcopy(teacher)
+    ref_student = copy.deepcopy(student)
+    batch = lm_batch(5)
+    feedback = lm_batch(6, size=3)
+    opts = lgtm.Options(influence="exact", student_alpha=0.3, temperature=2.0)
+    adapters = [p for p in teacher.parameters() if p.requires_grad]
+    optimizers = [torch.optim.SGD(adapters, lr=0.5), torch.optim.SGD(student.parameters(), 0.5)]
+    lgtm.lgtm_step(teacher, student, *optimizers, batch, feedback, opts)
+    x = lm_inputs(batch)
+    s_logits = ref_student(**x).logits.detach()
+    aux = token_losses(ref_teacher(**x).logits, s_logits, batch["labels"], 0.6)
+    unrolled = unrolled_lm_validation_loss(ref_teacher, ref_student, batch, feedback, 0.5, 0.3)
+    expected = [a + m for a, m in zip(trainable_gradients(aux.mean(), ref_teacher),
+                                       trainable_gradients(unrolled, ref_teacher))]
+    assert len(expected) == len(adapters) < len(list(teacher.parameters()))
+    assert relative_error(flat([p.grad for p in adapters]), flat(expected)) < AGREEMENT[family]
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_a_lora_student_over_a_frozen_bf16_base_takes_fp32_influences(family):
+    """The usual LLM student: LoRA adapters (fp32) over a base kept in bf16. The influence passes
+    run in fp32 on fp32 copies of the base: against the exact w of the same weights in float64,
+    the exact path errs by fp32's round-off (under 1e-5) and finite differences by their own
+    error in fp32, no more than with the base in fp32; and the step trains."""
+    teacher = causal_lm(family, 5, layers=3, dtype=torch.float32)
+    student = lora(causal_lm(family, 6, dtype=torch.bfloat16), family, init=False)
+    fp32_base = copy.deepcopy(student).float()  # the same weights: bf16 values made fp32
+    batch = lm_batch(5)
+    v = [torch.randn_like(p) for p in student.parameters() if p.requires_grad]
+    t_terms = lgtm.forward(teacher, batch, dropout=False)
+    exact64 = copy.deepcopy(student).double()
+    w_ref = lgtm.influence_exact(exact64, [d.double() for d in v], batch, t_terms.double(),
+                                 lgtm.Options()).detach()
+    errors = {}
+    for name, model in (("bf16", student), ("fp32", fp32_base)):
+        for influence in ("exact", "fd"):
+            w = INFLUENCES[influence](model, v, batch, t_terms, lgtm.Options())
+            assert w.dtype == torch.float32
+            errors[name, influence] = relative_error(w.detach().double(), w_ref)
+    assert errors["bf16", "exact"] < 1e-5, errors
+    assert errors["bf16", "fd"] < 2 * errors["fp32", "fd"], errors
+    adapters = [p for p in student.parameters() if p.requires_grad]
+    before = flat(adapters).detach().clone()
+    optimizers = [torch.optim.AdamW(teacher.parameters(), 1e-3), torch.optim.AdamW(adapters, 1e-3)]
+    out = lgtm.lgtm_step(teacher, student, *optimizers, batch, lm_batch(6, size=3))
+    assert torch.isfinite(out["w"]).all()
+    assert not torch.equal(flat(adapters), before)
+
+
+# ----------------------------------------------------------------------------------------------
 # Hugging Face Trainer: lgtm_trainer.LGTMTrainer on tiny models
 # ----------------------------------------------------------------------------------------------
 
@@ -1437,6 +1686,47 @@ def test_trainer_with_accumulation_makes_lgtm_steps_of_the_whole_batch(model_dir
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+def test_trainer_distils_causal_lms_weighing_micro_batches_by_their_tokens(model_dir, tmp_path):
+    """AutoModelForCausalLM teacher and student (tiny GPT-2s without dropout) and transformers'
+    causal-LM collator: each model steps once a global step, and two micro-batches of 4 and 3
+    sentences, padded each to its own longest, make lgtm_step's update on the 7 together (each
+    weighs by its labelled tokens; the student's SGD shows a weight by rows)."""
+    import transformers
+
+    from lgtm_trainer import LGTMTrainer
+    tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
+    teacher = causal_lm("gpt2", 5, layers=3, dtype=torch.float32, vocab=len(VOCAB))
+    student = causal_lm("gpt2", 6, dtype=torch.float32, vocab=len(VOCAB))
+    reference = [copy.deepcopy(teacher), copy.deepcopy(student)]
+    initial = flat_parameters(*reference)
+    sentences = load_glue("sst2", SAMPLE, ("train",))["train"]["text_a"]
+    texts = [sentence[:6 + 4 * i] for i, sentence in enumerate(sentences[:15])]  # 2-20 tokens
+    encoded = tokenizer(texts, truncation=True, max_length=20)
+    train = datasets_from(encoded, range(7))
+    feedback = datasets_from(encoded, range(7, 15))
+    collator = transformers.DataCollatorForLanguageModeling(tokenizer, mlm=False)
+    args = transformers.TrainingArguments(str(tmp_path / "out"), per_device_train_batch_size=4,
+                                          gradient_accumulation_steps=2, max_steps=1, optim="sgd",
+                                          learning_rate=0.5, max_grad_norm=0, use_cpu=True,
+                                          report_to=[], save_strategy="no", disable_tqdm=True)
+    trainer = LGTMTrainer(model=student, teacher=teacher, teacher_learning_rate=1e-3, args=args,
+                          train_dataset=train, feedback_dataset=feedback, data_collator=collator)
+    trainer.train()
+    assert optimizer_steps(trainer.teacher_optimizer) == trainer.state.global_step == 1
+    optimizers = [torch.optim.AdamW(reference[0].parameters(), 1e-3, weight_decay=0.0),
+                  torch.optim.SGD(reference[1].parameters(), 0.5)]
+    batch = collator(list(train))
+    lgtm.lgtm_step(*reference, *optimizers, batch, collator(list(feedback)))  # all 8 rows
+    update = flat_parameters(trainer.teacher, trainer.model) - initial
+    assert relative_error(update, flat_parameters(*reference) - initial) < 1e-4
+
+
+def datasets_from(encoded, rows):
+    import datasets
+    return datasets.Dataset.from_dict({key: [value[i] for i in rows]
+                                       for key, value in encoded.items()})
+
+
 def test_trainer_keeps_the_teachers_inputs_that_the_student_does_not_take(model_dir, tmp_path):
     """A DistilBERT student takes no token_type_ids; Trainer would drop them from the data, and
     the BERT teacher would lose its segment ids."""
@@ -1476,6 +1766,7 @@ DISTRIBUTED_CASES = {
     "lgtm": {},
     "lgtm exact": {"influence": "exact"},
     "lgtm adamw": {"lookahead": "adamw"},
+    "lgtm causal": {},  # tiny GPT-2s on sequences: the shares weigh by their labelled tokens
 }
 SHARDS = {"batch": [5, 2], "feedback": [2, 3]}  # unequal shards of 7 and 5 rows
 
@@ -1484,12 +1775,19 @@ def distributed_steps(case, rank=None):
     """The parameters of both models after two steps of the case: on the whole batches of 7
     and 5 rows (rank None), or on this rank's rows of them."""
     teacher, student, teacher_optimizer, student_optimizer = make_pair()
+    make_batch = random_batch
+    if case.endswith("causal"):
+        teacher = causal_lm("gpt2", 5, layers=3)
+        student = causal_lm("gpt2", 6)
+        teacher_optimizer, _ = lgtm.make_optimizer(teacher, 1e-3, 10)
+        student_optimizer, _ = lgtm.make_optimizer(student, 1e-2, 10)
+        make_batch = lm_batch
     opts = lgtm.Options(student_alpha=0.3, temperature=2.0, fd_radius=1e-4,
                         **DISTRIBUTED_CASES[case])
     method = case.split()[0]
     for seed in range(2):
-        batch = random_batch(40 + seed, size=7)
-        feedback = random_batch(50 + seed, size=5)
+        batch = make_batch(40 + seed, size=7)
+        feedback = make_batch(50 + seed, size=5)
         if rank is not None:
             batch = micro(batch, SHARDS["batch"])[rank]
             feedback = micro(feedback, SHARDS["feedback"])[rank]
@@ -1550,9 +1848,12 @@ def test_each_data_parallel_step_is_the_one_process_step_on_the_whole_batch(tmp_
                           timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     ranks = [torch.load(tmp_path / f"rank{rank}.pt") for rank in (0, 1)]
-    teacher, student, _, _ = make_pair()
-    initial = flat_parameters(teacher, student)
     for case in DISTRIBUTED_CASES:
+        teacher, student, _, _ = make_pair()
+        if case.endswith("causal"):
+            teacher = causal_lm("gpt2", 5, layers=3)
+            student = causal_lm("gpt2", 6)
+        initial = flat_parameters(teacher, student)
         whole = distributed_steps(case)
         update = (whole - initial).norm()
         parallel = ranks[0][case]
@@ -2430,11 +2731,9 @@ def test_a_run_killed_in_its_first_save_leaves_a_folder_the_next_command_can_use
     stopped_run(model_dir, out, monkeypatch, capsys, call=3, stop=ctrl_c)  # in step 3
     (out / "state.pt.tmp").write_bytes(b"PK\x03\x04 cut short")
     plain = cli(model_dir, out, *RESUMABLE)
-    assert_one_clear_error(run_in_process(plain, capsys), "already holds a run that saved no "
-                                                          "state")
-    assert_one_clear_error(run_in_process(plain + ["--resume"], capsys),
-                           "holds a run that saved no state (state.pt): start it again with "
-                           "--overwrite")
+    for command in (plain, plain + ["--resume"]):
+        assert_one_clear_error(run_in_process(command, capsys), "holds a run that saved no state "
+                                                                "(state.pt): pass --overwrite")
     assert lgtm.main(plain + ["--overwrite"])["status"] == "finished"
     assert not list(out.glob("*.tmp"))
 
