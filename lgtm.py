@@ -20,7 +20,6 @@ import argparse
 import contextlib
 import csv
 import dataclasses
-import difflib
 import functools
 import hashlib
 import json
@@ -47,15 +46,15 @@ METHODS = ("kd", "online", "meta", "lgtm")
 
 
 def option(default, methods, allowed, meaning):
-    """A field of Options: its default, the methods that read it, the values it allows (choices,
-    or in words) and its meaning. The command line makes each a flag."""
+    """A field of Options: its default, the methods that read it, what it allows, its meaning."""
     metadata = {"methods": methods, "allowed": allowed, "meaning": meaning}
     return dataclasses.field(default=default, metadata=metadata)
 
 
 @dataclasses.dataclass(frozen=True)
 class Options:
-    """What the steps can be told, each field checked once, when the Options are made."""
+    """What the steps can be told, each field checked once, when the Options are made; the
+    command line makes each a flag."""
 
     alpha: float = option(0.6, ("online", "lgtm"), "in [0, 1]",
                           "the teacher's label weight in L_aux (eq. 3, 11)")
@@ -153,10 +152,9 @@ def model_inputs(batch):
 
 
 def loss_terms(batch):
-    """Where a batch's loss is taken: None for a classifier's (labels (batch,)), whose every row
-    is a term; for a causal LM's (labels (batch, length), IGNORE where no loss is taken), the
-    (rows, positions) of the logits that predict its labelled tokens, each one position before
-    its token, as the model's own loss shifts them."""
+    """Where a batch's loss is taken: None for a classifier's (labels (batch,)), a term a row; for
+    a causal LM's (labels (batch, length), IGNORE where no loss is taken), the (rows, positions)
+    of the logits that predict its labelled tokens, as the model's own loss shifts them."""
     labels = batch.get("labels")
     if labels is None or labels.dim() == 1:
         return None
@@ -173,8 +171,7 @@ def term_labels(batch):
 
 
 def per_sample(values, batch):
-    """Values given per loss term as each row's mean: a sequence's D_i or w_i is the mean over
-    its labelled tokens, as its loss is."""
+    """Values given per loss term as each row's mean (a sequence's over its labelled tokens)."""
     terms = loss_terms(batch)
     if terms is None:
         return values
@@ -184,10 +181,9 @@ def per_sample(values, batch):
 
 
 def forward(model, batch, dropout, params=None):
-    """The model's logits (bf16 and fp16 made fp32) at the batch's loss terms, with dropout or
-    without, at its own parameters or at params (name -> tensor); each submodule's mode is
-    kept. The weights are cast afresh: in one autocast region torch would reuse the copies it
-    cast before an optimizer step (the teacher's, before line 9)."""
+    """The model's logits (fp32 for bf16 and fp16) at the batch's loss terms, with dropout or
+    without, at its own parameters or at params (name -> tensor), each submodule's mode kept.
+    The weights are cast afresh: one autocast region would reuse those of before line 8."""
     torch.clear_autocast_cache()
     inputs = model_inputs(batch)
     modes = [(module, module.training) for module in model.modules()]
@@ -227,8 +223,7 @@ def distributed():
 
 def global_mean(tensors, terms):
     """Under torchrun, the mean over the processes of tensors that each holds as a mean over its
-    own loss terms, weighted by their number, in one all-reduce: so a step on each process's
-    share of a batch is the step on the whole batch. In a plain run, the tensors as they are."""
+    own loss terms, in one all-reduce: a step on each share of a batch is the whole batch's."""
     if not distributed():
         return list(tensors)
     weighted = [t.reshape(-1).to(tensors[0].dtype) * terms for t in tensors]
@@ -239,10 +234,9 @@ def global_mean(tensors, terms):
 
 
 def batch_gradient(mean_loss, batches, params, retain_graph=False):
-    """(The gradient over params, the value) of a batch's mean loss over its loss terms (rows,
-    or labelled tokens, as model(**batch).loss takes it), a micro-batch at a time: mean_loss(
-    micro_batch) weighted by its share of the terms, so that memory is that of one; under
-    torchrun, of every process's terms. Every micro-batch loop goes through here."""
+    """(The gradient over params, the value) of a batch's mean loss over its loss terms (as
+    model(**batch).loss takes it), a micro-batch at a time, each weighted by its share of the
+    terms (under torchrun, every process's). Every micro-batch loop goes through here."""
     counts = [len(term_labels(batch)) for batch in batches]
     grads = [torch.zeros_like(p) for p in params]
     total = params[0].new_zeros(())
@@ -317,10 +311,9 @@ def feedback_gradient(student, theta, feedback_batches):
 
 @contextlib.contextmanager
 def full_precision(student):
-    """Strict fp32 for the influence passes: eq. 10's two losses agree in 3-5 digits, so TF32
-    or bf16 would leave mostly rounding error in their difference. Refuses, after the block, a
-    student that ran in bf16 or fp16 all the same: one whose forward turns autocast on by
-    itself, as accelerate's mixed precision (Trainer's bf16) or a decorator does."""
+    """Strict fp32 for the influence passes: eq. 10's two losses agree in 3-5 digits, and TF32 or
+    bf16 would leave mostly rounding error in their difference. Refuses a student that ran in
+    bf16 all the same: its forward turns autocast on by itself (accelerate's, a decorator)."""
     device_type = next(student.parameters()).device.type
     low = []
 
@@ -409,13 +402,7 @@ def influence_exact(student, v, batch, teacher_logits, opts):
     return (dD_ds * ds.detach()).sum(-1)
 
 
-def influence(teacher, student, v, batch, opts):
-    """Line 7 on one micro-batch: w_i = ∇θs D_i · v (eq. 8, 10), with its graph to θt through
-    the teacher's targets, taken without dropout as in the student's update."""
-    teacher_logits = forward(teacher, batch, dropout=False)
-    if opts.influence == "exact":
-        return influence_exact(student, v, batch, teacher_logits, opts)
-    return influence_fd(student, v, batch, teacher_logits, opts)
+INFLUENCES = {"fd": influence_fd, "exact": influence_exact}
 
 
 def influence_objective(w, student_lr, student_alpha=0.0, weight=1.0):
@@ -483,7 +470,8 @@ def teacher_gradient(teacher, student, student_optimizer, batch, feedback_batch,
     ws = []
 
     def influence_term(batch):  # line 7: w (eq. 8, 10), in the teacher's term (eq. 11)
-        w = influence(teacher, student, v, batch, opts)
+        teacher_logits = forward(teacher, batch, dropout=False)  # as line 9 takes them
+        w = INFLUENCES[opts.influence](student, v, batch, teacher_logits, opts)
         ws.append(per_sample(w.detach(), batch))
         return influence_objective(w, lr, opts.student_alpha, opts.influence_weight)
 
@@ -561,8 +549,7 @@ def lgtm_step(teacher, student, teacher_optimizer, student_optimizer, batch, fee
 
 
 def micro_batches(batch, name):
-    """A batch as its list of micro-batches ([batch] for a dict), each checked: a dict with
-    input_ids and labels, and at least one row."""
+    """A batch as its list of micro-batches ([batch] for a dict), each checked."""
     if batch is None:
         raise ValueError(f"{name} is None: meta and lgtm need a feedback batch z^e of held-out "
                          f"examples, a dict like the training batch")
@@ -597,8 +584,7 @@ def check_optimizers(*optimizers):
 
 
 def check_models(teacher, student):
-    """Refused by each half before it runs: fp16 autocast, an encoder-decoder model, and two
-    models of different vocabulary sizes."""
+    """Refused by each half: fp16 autocast, encoder-decoder models, two vocabularies."""
     for model in (teacher, student):
         if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
             raise ValueError(f"{type(model).__name__} is an encoder-decoder model: the steps "
@@ -622,9 +608,8 @@ def vocabulary_size(model):
 
 
 def check_student(student):
-    """What the influence passes need of the student: fp32 (or fp64) weights to perturb, as a
-    step of r/||v|| vanishes in bf16, and no gradient checkpointing, whose recomputation in the
-    backward pass would take v at θs, not at θs'."""
+    """What the influence passes need of the student: fp32 (or fp64) weights to perturb, and no
+    gradient checkpointing, whose recomputation would take v at θs, not at θs'."""
     for name, p in trainable(student).items():
         if p.dtype not in (torch.float32, torch.float64):
             raise ValueError(f"the student's {name} is {p.dtype}: the influence passes need fp32 "
@@ -652,8 +637,7 @@ def check_plain_adamw(optimizer):
 
 def kd_step(teacher, student, teacher_optimizer, student_optimizer, batch, feedback_batch=None,
             opts=Options()):
-    """Vanilla KD (eq. 1-2): the student distils from a frozen fine-tuned teacher without
-    dropout. teacher_optimizer and feedback_batch are not used."""
+    """Vanilla KD (eq. 1-2): the student distils from a frozen teacher, fine-tuned first."""
     check_optimizers(student_optimizer)
     loss = student_gradient(teacher, student, batch, opts)
     student_optimizer.step()
@@ -661,9 +645,8 @@ def kd_step(teacher, student, teacher_optimizer, student_optimizer, batch, feedb
 
 
 def online_teacher_gradient(teacher, student, batch, opts=Options()):
-    """Online distillation's teacher (eq. 3): sets its .grad to ∇θt L_aux against the student's
-    logits with dropout, and steps nothing. Returns L_aux, and the student's logits with their
-    graph if the batch came whole (for student_gradient)."""
+    """Online distillation's teacher (eq. 3): its .grad set to ∇θt L_aux against the student's
+    logits with dropout. Returns L_aux, and those logits if the batch came whole."""
     batches = micro_batches(batch, "batch")
     check_models(teacher, student)
     whole = len(batches) == 1
@@ -686,8 +669,7 @@ def online_teacher_gradient(teacher, student, batch, opts=Options()):
 
 def online_step(teacher, student, teacher_optimizer, student_optimizer, batch,
                 feedback_batch=None, opts=Options()):
-    """Online distillation: the teacher learns L_aux (eq. 3); then the student learns from the
-    teacher so updated (eq. 4). feedback_batch is not used."""
+    """Online distillation: the teacher learns L_aux (eq. 3), then the student from it (eq. 4)."""
     check_optimizers(teacher_optimizer, student_optimizer)
     teacher_loss, student_logits = online_teacher_gradient(teacher, student, batch, opts)
     step_teacher(teacher, teacher_optimizer, opts)
@@ -697,9 +679,8 @@ def online_step(teacher, student, teacher_optimizer, student_optimizer, batch,
 
 
 def meta_gradients(teacher, student, student_optimizer, batch, feedback_batch, opts=Options()):
-    """Meta distillation's gradients (MetaDistil, eq. 6-7), no optimizer stepped: the teacher's
-    .grad is the influence term's alone (lines 2-8 without L_aux: eq. 7), the student's the
-    look-ahead's, which distils from the teacher as it was before this step (eq. 6)."""
+    """Meta distillation's gradients (MetaDistil), nothing stepped: the teacher's, the influence
+    term's alone (eq. 7); the student's, the look-ahead's, from the teacher before its step."""
     update = teacher_gradient(teacher, student, student_optimizer, batch, feedback_batch, opts,
                               aux=False)
     set_grad(trainable(student).values(), update.student_grads)
@@ -709,8 +690,7 @@ def meta_gradients(teacher, student, student_optimizer, batch, feedback_batch, o
 def meta_step(teacher, student, teacher_optimizer, student_optimizer, batch, feedback_batch,
               opts=Options()):
     """Meta distillation (MetaDistil, eq. 6-7): the fine-tuned teacher learns the influence term
-    alone (MetaDistil clips its gradient at 1: teacher_max_grad_norm); the student takes the
-    look-ahead's step."""
+    alone; the student takes the look-ahead's step."""
     check_optimizers(teacher_optimizer, student_optimizer)
     logs = meta_gradients(teacher, student, student_optimizer, batch, feedback_batch, opts)
     step_teacher(teacher, teacher_optimizer, opts)
@@ -772,9 +752,8 @@ TASKS = {task.name: task for task in [
 
 
 def read_split(task, data_dir, split):
-    """One split of a GLUE task as the columns text_a, [text_b], label (a class id or a score;
-    -1 in test) and idx: from the Hub (data_dir None), or from data_dir's GLUE TSV files or its
-    parquet files in the Hub's layout."""
+    """One split of a GLUE task as text_a, [text_b], label (a class id or a score; -1 in test)
+    and idx: from the Hub (data_dir None), or data_dir's GLUE TSV or the Hub's parquet files."""
     if data_dir is None:
         source = f"nyu-mll/glue {task.name} {split} from the Hub (offline: --data-dir DIR)"
         ds = load_dataset(source, "nyu-mll/glue", task.name, split=split)
@@ -815,9 +794,8 @@ def read_tsv(task, path, split):
 
 
 def glue_columns(task, ds, source, text, label, idx, first_line=None):
-    """text_a, [text_b], label and idx of a split read whole: -1 where there is no label (test),
-    the row number where there is no idx; a TSV's label names (first_line: the line of its
-    first example) made class ids."""
+    """text_a, [text_b], label (-1 in test; a TSV's names as ids, first_line the line of its
+    first example) and idx (else the row number) of a split read whole."""
     import datasets
     missing = [column for column in (*text, label) if column and column not in ds.column_names]
     if missing:
@@ -873,8 +851,7 @@ def split_feedback(train, fraction, seed):
 
 
 def make_loader(ds, tokenizer, max_length, batch_size, shuffle=False, seed=0, drop_last=False):
-    """Batches of token ids, padded to their longest sequence, with labels and idx (the rows);
-    the text is tokenized once."""
+    """Batches of token ids, padded to their longest sequence, with labels and idx (the rows)."""
     from transformers import DataCollatorWithPadding
     text = [column for column in ("text_a", "text_b") if column in ds.column_names]
 
@@ -894,9 +871,8 @@ def to_device(batch, device):
 
 
 class Batches:
-    """A loader's batches, epoch after epoch (reshuffled each time if it shuffles), and where it
-    stands: the shuffling generator's state as the epoch began, and the batches taken since,
-    which load_state_dict restores."""
+    """A loader's batches, epoch after epoch, and where it stands (the shuffle's generator state
+    as the epoch began, the batches taken since), which load_state_dict restores."""
 
     def __init__(self, loader):
         self.loader = loader
@@ -955,8 +931,7 @@ def load_tokenizer(teacher, student):
 
 
 def load_model(name, flag, num_labels, layers=None, attention="sdpa"):
-    """(a classifier, a line about it): fp32 weights, a head of num_labels outputs, and only the
-    first `layers` layers if given."""
+    """(a classifier of fp32 weights, num_labels outputs and `layers` layers, a line about it)."""
     from transformers import AutoConfig, AutoModelForSequenceClassification
     try:
         config = AutoConfig.from_pretrained(name)
@@ -1003,9 +978,7 @@ def linear_decay(step, total_steps):
 
 
 def compile_models(*models):
-    """torch.compile each model. The look-ahead's backward pass through the student keeps its
-    graph for line 9 (retain_graph), which compiled backward functions that donate buffers may
-    refuse (torch 2.13 does not): donation off."""
+    """torch.compile each model, donated buffers off: line 9 reuses the look-ahead's graph."""
     torch._functorch.config.donated_buffer = False
     for model in models:
         model.compile()
@@ -1046,8 +1019,7 @@ def pearson(a, b):
 
 
 def average_ranks(x):
-    """Ranks from 1, tied values sharing their mean rank (Spearman's correlation is the Pearson
-    correlation of these)."""
+    """Ranks from 1, ties sharing their mean rank: Spearman's is the Pearson of these."""
     _, position, counts = torch.unique(x, return_inverse=True, return_counts=True)
     return (counts.cumsum(0) - (counts - 1) / 2)[position]
 
@@ -1087,9 +1059,8 @@ def world_size():
 
 
 def start_processes(device):
-    """Under torchrun (which sets RANK, LOCAL_RANK and WORLD_SIZE), joins its process group:
-    CUDA tensors over NCCL, each process on the GPU of its LOCAL_RANK (which "cuda" then
-    names), CPU tensors over gloo."""
+    """Under torchrun (RANK set), joins its group: CUDA tensors over NCCL, each process on the
+    GPU of its LOCAL_RANK, which "cuda" then names; CPU tensors over gloo."""
     if "RANK" not in os.environ:
         return
     if device == "cuda":
@@ -1106,9 +1077,8 @@ def end_processes():
 
 
 def together(step, *args):
-    """step(*args) on every process; if it fails on any, it fails on all with the first
-    failure's message, so that none waits for the others in vain. step must run no collective
-    (one process may fail before it)."""
+    """step(*args) on every process; if it fails on one, it fails on all with that message, so
+    that none waits for the others in vain. step runs no collective."""
     if not distributed():
         return step(*args)
     result = None
@@ -1126,8 +1096,7 @@ def together(step, *args):
 
 
 def broadcast_weights(*models):
-    """Under torchrun, rank 0's weights on every process, as DistributedDataParallel starts;
-    in a plain run, nothing."""
+    """Under torchrun, rank 0's weights on every process, as DistributedDataParallel starts."""
     if not distributed():
         return
     for model in models:
@@ -1136,15 +1105,13 @@ def broadcast_weights(*models):
 
 
 def row_parts(batch, parts):
-    """The batch's rows in (at most) `parts` parts of consecutive rows, none of them empty; the
-    first parts one row longer where the rows do not divide evenly."""
+    """The batch's rows in at most `parts` parts of consecutive rows, none empty."""
     pieces = torch.tensor_split(torch.arange(len(batch["labels"])), parts)
     return [{key: value[rows] for key, value in batch.items()} for rows in pieces if len(rows)]
 
 
 def share(batch, device, accumulation):
-    """This process's rows of a batch that every process reads whole, on the device, as its
-    micro-batches (an epoch's last batch has a row for each process: too_few_to_share)."""
+    """This process's rows of a batch that every process reads whole, as its micro-batches."""
     mine = to_device(row_parts(batch, world_size())[rank()], device)
     return row_parts(mine, accumulation)
 
@@ -1177,10 +1144,9 @@ PREVIOUS = "previous-run"  # where --overwrite keeps the old run until the new o
 
 
 class Run:
-    """The run's folder: metrics.json (rewritten at each evaluation, so that a stopped run keeps
-    its history), train_log.jsonl (each step's losses, and w with their rows), student/ (the
-    best), teacher/ (the last), teacher_finetuned/ (stage 1), predictions/ and state.pt. Under
-    torchrun rank 0 alone prints and writes."""
+    """The run's folder: metrics.json (the history so far), train_log.jsonl (each step's losses,
+    and w with their rows), student/ (the best), teacher/ (the last), teacher_finetuned/ (stage
+    1), predictions/ and state.pt. Under torchrun rank 0 alone prints and writes."""
 
     def __init__(self, args, tokenizer, state=None):
         self.dir = args.output_dir
@@ -1260,8 +1226,7 @@ class Run:
 
 
 def write_whole(path, write):
-    """write(a temporary file), then the file replaced by it in one move: a reader, or a stop,
-    never meets half of it. torch.save's own errors (a full disk) come out as OSError."""
+    """write(a temporary file), which then replaces the file; torch.save's errors as OSError."""
     temporary = path.with_name(path.name + ".tmp")
     try:
         write(temporary)
@@ -1274,8 +1239,7 @@ def write_whole(path, write):
 
 
 def logged_until(path, state):
-    """The lines of train_log.jsonl up to the step of a saved state of stage 2 (none for stage
-    1's), a line cut short left out."""
+    """The lines of train_log.jsonl up to a state's step (none for stage 1), none cut short."""
     kept = []
     lines = []
     if path.is_file():
@@ -1301,9 +1265,8 @@ IN_LOOP = []  # while a training loop runs, a SIGTERM stops it after its step
 
 def stop_on_sigterm(signum, frame):
     """SIGTERM (SLURM, Kubernetes, timeout): a training loop stops after the step under way and
-    saves its state; elsewhere the run stops at once, as Ctrl-C stops it. Further SIGTERMs
-    change nothing: torchrun's agent passes on the one it gets, so that each process of a job
-    stopped by SLURM gets two."""
+    saves; elsewhere the run stops at once, as at Ctrl-C. Further SIGTERMs change nothing:
+    torchrun's launcher passes on its own, so each process of a job SLURM stops gets two."""
     TERMINATED.append(signum)
     if len(TERMINATED) == 1 and not IN_LOOP:
         raise KeyboardInterrupt("SIGTERM")
@@ -1320,8 +1283,7 @@ def stops_after_a_step():
 
 def end_step(run, stage, step, parts, saving):
     """After a step: its state saved if saving, or if a SIGTERM reached any process, which then
-    stops the run. Under torchrun the processes agree (a CPU tensor, over gloo: no GPU is waited
-    for), so that all stop after the same step."""
+    stops the run; all processes agree (over gloo: no GPU is waited for)."""
     stopping = torch.tensor([len(TERMINATED)])
     if distributed():
         dist.all_reduce(stopping, op=dist.ReduceOp.MAX)
@@ -1332,11 +1294,9 @@ def end_step(run, stage, step, parts, saving):
 
 
 def save_state(run, stage, step, parts):
-    """What --resume continues from, at the end of a step: parts (name -> models, optimizers,
-    schedulers and batch streams, each with a state_dict), every process's random state, the
-    run's record so far, and a checksum of it all. state.pt is replaced whole: a stop while
-    writing leaves the last one. The first state of a run that replaced another (--overwrite)
-    removes that one."""
+    """What --resume continues from: parts (name -> anything with a state_dict), every process's
+    random state, the run's record and a checksum. The first state of a run that replaced
+    another (--overwrite) removes that one."""
     randomness = [torch.get_rng_state()]
     if torch.cuda.is_available():
         randomness.append(torch.cuda.get_rng_state())
@@ -1419,9 +1379,8 @@ def run_stages(teacher, student, data, args, run, state):
 
 
 def finetune_teacher(teacher, data, args, run, state=None):
-    """Stage 1 of the two-stage methods (kd, meta): the teacher learns the labels alone, with
-    dropout; its state saved every --eval-steps and on SIGTERM; from a saved state of stage 1
-    where there is one."""
+    """Stage 1 of kd and meta: the teacher learns the labels alone, with dropout; its state saved
+    every --eval-steps and on SIGTERM; from a saved state of stage 1 where there is one."""
     from tqdm import tqdm
     total = stage_steps(len(data.train), args.teacher_epochs, args.max_steps)
     optimizer, scheduler = make_optimizer(teacher, args.finetune_lr, total)
@@ -1456,9 +1415,8 @@ def finetune_teacher(teacher, data, args, run, state=None):
 
 
 def train_loop(teacher, student, data, args, opts, run, state=None):
-    """Stage 2: a step of --method per batch; the losses read from the device every
-    --logging-steps, both models evaluated every --eval-steps and at the end, the state saved
-    then and on SIGTERM; from a saved state of stage 2 where there is one."""
+    """Stage 2: a step of --method per batch, the losses read every --logging-steps, both models
+    evaluated every --eval-steps and at the end (the state saved then and on SIGTERM)."""
     from tqdm import tqdm
     total = stage_steps(len(data.train), args.epochs, args.max_steps)
     teacher_optimizer, teacher_scheduler = make_optimizer(teacher, args.teacher_lr, total)
@@ -1505,8 +1463,7 @@ def train_loop(teacher, student, data, args, opts, run, state=None):
 
 
 def take_step(parts, args, opts):
-    """A step of --method on the next batches, and the schedules' step: (the student's learning
-    rate in it, the rows it took, its outputs)."""
+    """A step of --method on the next batches, then the schedules': (ηs, its rows, its logs)."""
     batch = share(next(parts["train"]), args.device, args.gradient_accumulation_steps)
     feedback_batch = None
     if "feedback" in parts:
@@ -1523,8 +1480,7 @@ def take_step(parts, args, opts):
 
 
 def evaluate_both(step, teacher, student, data, opts, run, student_optimizer):
-    """Both models on dev (a warning for one that collapsed to one class), the best student
-    kept, and the probe set's w_i and P(gold)."""
+    """Both models on dev (a warning for one collapsed to one class), and the probe set's w_i."""
     entry = {"step": step, "epoch": round(step / len(data.train), 3)}
     for name, model in (("student", student), ("teacher", teacher)):
         entry[name], collapsed = evaluate(model, data.dev, data.task, data.device)
@@ -1538,10 +1494,8 @@ def evaluate_both(step, teacher, student, data, opts, run, student_optimizer):
 
 
 def probe(teacher, student, student_optimizer, batches, opts):
-    """w_i of the probe set's fixed training examples (lines 2-7: teacher_gradient), and the
-    probability that teacher and student give their gold label (the paper's figures 3 and 4).
-    The random numbers and the teacher's .grad are left as they were: a probed run trains as an
-    unprobed one."""
+    """w_i of the probe set's fixed training examples (lines 2-7), and the probability each model
+    gives their gold label (the paper's figures 3, 4); the random state and .grad untouched."""
     batch, feedback_batch = batches
     grads = [p.grad for p in teacher.parameters()]
     devices = []
@@ -1610,26 +1564,15 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
 
 
 class Parser(argparse.ArgumentParser):
-    """A usage error in one line (from rank 0 alone under torchrun), naming the flag meant where
-    one is mistyped, instead of the whole usage first."""
+    """A usage error in one line (from rank 0 alone under torchrun), not the whole usage."""
 
     def error(self, message):
-        flags = [flag for action in self._actions for flag in action.option_strings]
-        unknown = []
-        if message.startswith("unrecognized arguments:"):
-            unknown = [word for word in message.split() if word.startswith("--")]
-        for word in unknown:
-            flag = word.split("=")[0]
-            meant = difflib.get_close_matches(flag, flags, n=1, cutoff=0.75)
-            if meant:
-                message += f" ({flag}: did you mean {meant[0]}?)"
         report(f"error: {message}; python lgtm.py --help lists the flags")
         sys.exit(2)
 
 
 def parse_args(argv=None):
-    """The flags, checked, with every default resolved (nothing later reads a None) and every
-    folder as an absolute path."""
+    """The flags, checked, every default resolved and every folder an absolute path."""
     gpus = torch.cuda.device_count()
     parser = Parser(description=__doc__.splitlines()[0], epilog=EXAMPLE,
                     formatter_class=HelpFormatter)
@@ -1643,8 +1586,7 @@ def parse_args(argv=None):
 
 
 def resolve_flags(parser, args, gpus):
-    """Each folder as an absolute path, and the defaults that depend on the machine, the task or
-    the method written into args."""
+    """Folders as absolute paths; the defaults of the machine, the task and the method."""
     args.teacher = model_name(parser, "--teacher", args.teacher)
     args.student = model_name(parser, "--student", args.student)
     if args.data_dir is not None:
@@ -1700,8 +1642,7 @@ def add_input_flags(parser, gpus):
 
 
 def add_method_flags(group):
-    """--method, and a flag for each field of Options: its meaning, the methods that read it and
-    the values it allows, as Options checks them; then the optimisation's flags."""
+    """--method, a flag for each field of Options as Options checks it, the optimisation's."""
     group.add_argument("--method", choices=METHODS, default="lgtm",
                        help="kd, online, meta (MetaDistil) or lgtm")
     for field in dataclasses.fields(Options):
@@ -1785,8 +1726,7 @@ def check_flags(parser, args):
 
 
 def model_name(parser, flag, name):
-    """A model's name as given (a Hub id: NAME or OWNER/NAME), or as the absolute path of the
-    folder it names."""
+    """A model's name as given (a Hub id: NAME or OWNER/NAME), or its folder's absolute path."""
     folder = Path(name).expanduser()
     if not (name.startswith((".", "/", "~")) or name.count("/") > 1 or folder.is_dir()):
         return name
@@ -1823,16 +1763,14 @@ def interrupt_cause(interrupt):
 
 
 def report(message):
-    """An error line on stderr; under torchrun from rank 0 alone, also before the processes join
-    their group (a failed start reaches every process with the same message: together)."""
+    """An error line on stderr; under torchrun from rank 0 alone, group joined or not."""
     if os.environ.get("RANK", "0") == "0":  # torchrun's; no group need be joined yet
         print(message, file=sys.stderr)
 
 
 def run_experiment(args):
-    """A run from its flags to its folder. Everything is read and loaded before the folder is
-    made or an old run in it moves, so that a failed start changes nothing; under torchrun, a
-    failed start on any process ends all of them."""
+    """A run from its flags to its folder: all is read and loaded before the folder is made or an
+    old run moves, so that a failed start (on any process) changes nothing."""
     teacher, student, data, tokenizer, model_lines, state = together(load, args)
     if distributed():  # no collective may run inside together's steps
         broadcast_weights(teacher, student)
@@ -1893,8 +1831,8 @@ def load(args):
 
 
 def check_output_dir(args):
-    """--output-dir as this command would use it, before anything is loaded or made: a folder
-    that can be made and written, and that holds a run only for --resume or --overwrite."""
+    """--output-dir, before anything is made: writable, and holding a run only to resume or
+    overwrite it."""
     out = args.output_dir
     folder = out
     while not os.path.exists(folder):  # nor does a name too long for the file system
@@ -1925,8 +1863,8 @@ def cannot_write(out, reason):
 
 
 def saved_state(args):
-    """The state --resume continues from, once seen to be unchanged since it was saved, of this
-    version of lgtm.py, and of a run with the same flags."""
+    """The state --resume continues from: unchanged (its checksum), of this version of lgtm.py,
+    of a run with the same flags."""
     path = args.output_dir / STATE
     fallback = (f"the best student so far is in {args.output_dir / 'student'}; --overwrite "
                 f"starts the run again")
@@ -1953,16 +1891,14 @@ def saved_state(args):
 
 
 def changed_flags(saved, flags):
-    """The flags of this command that differ from the saved run's, as each process was given
-    them (a folder as its absolute path), but those that change no number of the run."""
+    """This process's flags that differ from the saved run's, but those that change no number."""
     return [f"--{name.replace('_', '-')} {value} (the run's: {saved.get(name)})"
             for name, value in flags.items()
             if name not in FREE_ON_RESUME and str(value) != str(saved.get(name))]
 
 
 def quiet_libraries():
-    """One line of ours per model instead of the libraries' reports, retries and progress
-    bars."""
+    """One line of ours per model instead of the libraries' reports, retries and bars."""
     import datasets
     import huggingface_hub
     import transformers
@@ -1991,8 +1927,8 @@ def read_splits(args, task):
 
 
 def make_data(args, task, splits, tokenizer):
-    """The loaders of a run, and the probe set's batches on the device: --probe-samples random
-    training examples, and the first feedback batch."""
+    """The loaders of a run, and the probe set: --probe-samples random training examples and the
+    first feedback batch, on the device."""
     def loader(name, batch_size, shuffle=False):
         seed = args.seed + (name == "feedback")
         drop_last = shuffle and too_few_to_share(len(splits[name]) % batch_size)
@@ -2025,9 +1961,8 @@ def make_data(args, task, splits, tokenizer):
 
 
 def start_run(args, tokenizer, state):
-    """Now that everything has loaded, the run begins in its folder, made now: from its saved
-    state (--resume), or afresh, an old run moved to previous-run/ until the new one saves its
-    first state. A temporary file that a stop left behind goes."""
+    """Everything loaded, the run begins in its folder: from its state (--resume), or afresh,
+    the old run in previous-run/ until the new one saves; a stale temporary file goes."""
     out = args.output_dir
     try:
         if rank() == 0:
@@ -2043,8 +1978,8 @@ def start_run(args, tokenizer, state):
 
 
 def set_old_run_aside(out, held):
-    """--overwrite: the old run moves to previous-run/. A run already there stays: the one here
-    then never saved a state, and goes."""
+    """--overwrite: the old run moves to previous-run/, unless one is there (this one then never
+    saved a state, and goes)."""
     previous = out / PREVIOUS
     if not previous.exists():
         previous.mkdir()
@@ -2058,8 +1993,7 @@ def set_old_run_aside(out, held):
 
 
 def describe_run(run, args, data, model_lines):
-    """The run's first lines: the task, the models, the processes, where the feedback comes
-    from."""
+    """The run's first lines: task, models, processes, where the feedback comes from."""
     compiled = ""
     if args.compile:
         compiled = ", compiled"
@@ -2095,8 +2029,7 @@ def describe_processes(run, data, batch_size):
 
 
 def write_predictions(data, run):
-    """GLUE-server files <TASK>.tsv of index and prediction (the labels' names), by the best
-    student, for each test split."""
+    """GLUE-server files <TASK>.tsv of index and prediction, by the best student."""
     if rank() > 0:
         return
     task = data.task
