@@ -4,6 +4,7 @@
     python benchmark.py --size small --device cpu      # a small config a CPU runs in a minute
     python benchmark.py --teacher DIR --student-layers 3   # real checkpoints
     python benchmark.py --compile                      # kd and lgtm also with compiled models
+    python benchmark.py --causal-lm --size small --device cpu   # random Llamas on sequences
 
 Every row runs lgtm.STEPS[method] on fresh copies of the same models and the same two batches
 (full-length sequences): the median ms per step over --steps after --warmup, samples/s, peak GPU
@@ -11,7 +12,9 @@ memory, and the cost as a multiple of the kd step at the same precision. fp32: I
 TF32 matmuls (CUDA; lgtm.py's default there); bf16: bf16 autocast with TF32, as lgtm.py runs it.
 The influence passes run in strict fp32 whatever the precision. Then the agreement of FD with the
 exact influences: the correlation of the w_i and the cosine of the teacher gradients, against the
-exact path at the same precision and against the exact path in strict fp32.
+exact path at the same precision and against the exact path in strict fp32. With --causal-lm the
+models are random Llamas (vocabulary 32,000) and each sequence's first half is its prompt,
+labelled -100: the loss terms are the second half's tokens.
 """
 
 import argparse
@@ -27,6 +30,7 @@ import lgtm
 ROWS = [("kd", "fd"), ("online", "fd"), ("meta", "fd"), ("lgtm", "fd"), ("lgtm", "exact")]
 SIZES = {"base": ((12, 768, 12, 3072), (6, 768, 12, 3072)),  # layers, hidden, heads, intermediate
          "small": ((4, 256, 4, 1024), (2, 256, 4, 1024))}
+LLAMA_VOCABULARY = 32_000
 MATMUL = {"fp32": "highest", "tf32": "high", "bf16": "high"}
 
 
@@ -47,6 +51,8 @@ def parse_args(argv=None):
     p.add_argument("--agreement-batches", type=lgtm.number(int, lambda x: x >= 0, ">= 0"),
                    default=2, help="batches of the FD-against-exact check; 0: skip it")
     p.add_argument("--compile", action="store_true", help="also kd and lgtm, compiled")
+    p.add_argument("--causal-lm", action="store_true", help="random Llamas of --size on "
+                   "sequences, the second half of each labelled, instead of BERT classifiers")
     p.add_argument("--device", help="cpu or cuda (default: cuda where there is one)")
     args = p.parse_args(argv)
     if args.device is None:
@@ -69,15 +75,23 @@ def build_models(args):
         return teacher, student, student_eager
     teacher_shape, student_shape = SIZES[args.size]
     torch.manual_seed(0)
-    teacher = random_bert(teacher_shape, "sdpa")
-    student = random_bert(student_shape, "sdpa")
-    student_eager = random_bert(student_shape, "eager")
+    teacher = random_model(args, teacher_shape, "sdpa")
+    student = random_model(args, student_shape, "sdpa")
+    student_eager = random_model(args, student_shape, "eager")
     student_eager.load_state_dict(student.state_dict())
     return teacher, student, student_eager
 
 
-def random_bert(shape, attention):
+def random_model(args, shape, attention):
+    """A random BERT classifier, or with --causal-lm a random Llama."""
     layers, hidden, heads, intermediate = shape
+    if args.causal_lm:
+        config = transformers.LlamaConfig(vocab_size=LLAMA_VOCABULARY, num_hidden_layers=layers,
+                                          hidden_size=hidden, num_attention_heads=heads,
+                                          intermediate_size=intermediate,
+                                          max_position_embeddings=args.seq_length,
+                                          attn_implementation=attention)
+        return transformers.LlamaForCausalLM(config)
     config = transformers.BertConfig(num_hidden_layers=layers, hidden_size=hidden,
                                      num_attention_heads=heads, intermediate_size=intermediate,
                                      num_labels=2, attn_implementation=attention)
@@ -85,13 +99,19 @@ def random_bert(shape, attention):
 
 
 def random_batch(args, vocab_size, seed):
+    """Full-length random sequences: with two labels, or with --causal-lm labelled as a causal-LM
+    collator labels them, the first half (the prompt) -100."""
     g = torch.Generator().manual_seed(seed)
     shape = (args.batch_size, args.seq_length)
-    return lgtm.to_device({"input_ids": torch.randint(1000, vocab_size, shape, generator=g),
-                           "token_type_ids": torch.zeros(shape, dtype=torch.long),
-                           "attention_mask": torch.ones(shape, dtype=torch.long),
-                           "labels": torch.randint(0, 2, (args.batch_size,), generator=g)},
-                          args.device)
+    ids = torch.randint(1000, vocab_size, shape, generator=g)
+    batch = {"input_ids": ids, "attention_mask": torch.ones(shape, dtype=torch.long)}
+    if args.causal_lm:
+        batch["labels"] = ids.clone()
+        batch["labels"][:, :args.seq_length // 2] = -100
+    else:
+        batch["token_type_ids"] = torch.zeros(shape, dtype=torch.long)
+        batch["labels"] = torch.randint(0, 2, (args.batch_size,), generator=g)
+    return lgtm.to_device(batch, args.device)
 
 
 def sync(device):
@@ -205,7 +225,7 @@ def main(argv=None):
     batches = (random_batch(args, vocab, 0), random_batch(args, vocab, 1))
     print(f"device: {device_name(args)}; torch {torch.__version__}, transformers "
           f"{transformers.__version__}")
-    print(f"teacher {teacher.config.num_hidden_layers} layers "
+    print(f"{type(teacher).__name__}: teacher {teacher.config.num_hidden_layers} layers "
           f"({parameters_in_millions(teacher):.0f}M), student {student.config.num_hidden_layers} "
           f"layers ({parameters_in_millions(student):.0f}M); batch {args.batch_size} x seq "
           f"{args.seq_length}; median of {args.steps} steps after {args.warmup} warm-up")

@@ -5,7 +5,8 @@ loss L_aux, the teacher follows each training sample's *distillation influence* 
 distilling on sample i lowers the student's loss on held-out data after a look-ahead step. In
 symbols, w_i = ∇θs D_i · v with v = ∇θs L_val(θs') (eq. 8), and the teacher descends
 L_aux - ηs (1 - αs) mean(w) (eq. 11 with its sign corrected). w comes from two extra student
-forward passes by finite differences (eq. 10), or exactly from one forward-mode pass.
+forward passes by finite differences (eq. 10), or exactly from one forward-mode pass. The models
+are classifiers, or causal language models whose samples are sequences of labelled tokens.
 
     1. LGTM: Algorithm 1, lines 2-8 in teacher_gradient and line 9 in student_gradient. Needs
        only torch, and can be copied out alone.

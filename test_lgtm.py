@@ -2083,6 +2083,16 @@ def test_the_readme_python_blocks_run_in_order_and_print_what_it_shows(tmp_path)
     assert len(printed) == 8
 
 
+@needs_minilm
+def test_the_readme_causal_lm_block_prints_what_the_readme_shows(tmp_path):
+    """In a folder of its own, alone: two tiny random Llamas, one w a sequence."""
+    code = readme_blocks("### Causal language models", "python")[0]
+    printed = readme_blocks("### Causal language models", "")[0]
+    done = run_readme_block(code, tmp_path, tmp_path)
+    assert done.stdout == printed
+    assert len(done.stdout.splitlines()[3].split()) == 3  # w and its two sequences
+
+
 def readme_commands():
     """Each command of README.md that runs lgtm.py, its continuation lines joined, as flags."""
     readme = (HERE / "README.md").read_text()
@@ -3338,6 +3348,21 @@ def test_benchmark_times_every_step_and_checks_fd_under_each_precision(capsys):
     assert set(agreement) == {"fp32", "bf16"}
     every_figure = sum(agreement.values(), [])
     assert min(every_figure) > 0.999
+
+
+def test_benchmark_has_a_causal_lm_row_for_every_step(capsys):
+    """Random Llamas on sequences whose second half is labelled: every step times, and FD
+    agrees with the exact influences (the teacher's gradients to a cosine above 0.999)."""
+    import benchmark
+    benchmark.main(["--causal-lm", "--size", "small", "--device", "cpu", "--batch-size", "2",
+                    "--seq-length", "16", "--steps", "1", "--warmup", "0",
+                    "--agreement-batches", "1"])
+    printed = capsys.readouterr().out
+    assert "LlamaForCausalLM: teacher 4 layers" in printed
+    for step in ("kd", "online", "meta (fd)", "lgtm (fd)", "lgtm (exact)"):
+        assert printed.count(f" {step} ") == 1, step
+    figures = [line.split()[1:] for line in printed.splitlines() if line.startswith("fp32 ")]
+    assert float(figures[0][1]) > 0.999
 
 
 def test_results_table_and_figures_from_run_directories(model_dir, tmp_path):
