@@ -206,6 +206,10 @@ def forward(model, batch, dropout, params=None):
                          f"steps need logits (batch, classes), or a causal LM's (batch, length, "
                          f"vocabulary) for labels (batch, length), as a tensor or as .logits")
     terms = loss_terms(batch)
+    if terms is not None and logits.shape[-1] != (vocabulary_size(model) or logits.shape[-1]):
+        raise ValueError(f"labels (batch, length) are a causal LM's next tokens, and this model "
+                         f"gives {logits.shape[-1]} logits a token, not one per token id: token "
+                         f"classification is not supported")
     if terms is not None:
         logits = logits[terms]
     if logits.dtype in (torch.float16, torch.bfloat16):
@@ -222,13 +226,14 @@ def distributed():
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def global_mean(tensors, terms):
+def global_mean(tensors, count):
     """Under torchrun, the mean over the processes of tensors that each holds as a mean over its
-    own loss terms, in one all-reduce: a step on each share of a batch is the whole batch's."""
+    own `count` loss terms, in one all-reduce: a step on each share of a batch is the whole's."""
     if not distributed():
         return list(tensors)
-    weighted = [t.reshape(-1).to(tensors[0].dtype) * terms for t in tensors]
-    flat = torch.cat(weighted + [tensors[0].new_tensor([terms])])
+    dtype = torch.promote_types(tensors[0].dtype, torch.float32)  # counts exact beyond 256
+    weighted = [t.reshape(-1).to(dtype) * count for t in tensors]
+    flat = torch.cat(weighted + [torch.tensor([count], dtype=dtype, device=tensors[0].device)])
     dist.all_reduce(flat)
     means = (flat[:-1] / flat[-1]).split([t.numel() for t in tensors])
     return [mean.view_as(t).to(t.dtype) for mean, t in zip(means, tensors)]
@@ -242,8 +247,6 @@ def batch_gradient(mean_loss, batches, params, retain_graph=False):
     grads = [torch.zeros_like(p) for p in params]
     total = params[0].new_zeros(())
     for batch, count in zip(batches, counts):
-        if count == 0:  # no labelled token: nothing to add
-            continue
         loss = mean_loss(batch) * (count / sum(counts))
         parts = torch.autograd.grad(loss, params, retain_graph=retain_graph,
                                     materialize_grads=True)
@@ -259,7 +262,7 @@ def set_grad(params, grads):
         p.grad = g
 
 
-def student_lr(optimizer, lookahead):
+def lookahead_lr(optimizer, lookahead):
     """ηs, read as each step begins: one learning rate for all of the student's parameters. For
     lookahead "adamw", the optimizer must be a plain torch.optim.AdamW, whose state it reads."""
     lrs = {float(group["lr"]) for group in optimizer.param_groups}
@@ -453,14 +456,21 @@ def teacher_gradient(teacher, student, student_optimizer, batch, feedback_batch,
     feedback_batches = micro_batches(feedback_batch, "feedback_batch")
     check_models(teacher, student)
     check_student(student)
-    lr = student_lr(student_optimizer, opts.lookahead)
-    keep = aux and len(batches) == 1  # the look-ahead's graph, for line 9 (lgtm_step)
-    lookahead_logits = []  # one a micro-batch: L_aux's targets
+    lr = lookahead_lr(student_optimizer, opts.lookahead)
+    keep = aux and len(batches) == 1  # the batch came whole: keep the look-ahead's logits
+    kept = []
 
     def lookahead_loss(batch):
         loss, logits = distillation(teacher, student, batch, opts)
-        lookahead_logits.append(logits)
+        if keep:
+            kept.append(logits)
         return loss
+
+    def student_targets(batch):  # L_aux's: the look-ahead's logits, or a micro-batch's anew
+        if keep:
+            return kept[0]
+        with torch.no_grad():
+            return forward(student, batch, dropout=True)
 
     # Lines 3-4: θs' = θs - ηs ∇θs L_s (eq. 2), new tensors; the student is not touched.
     params = trainable(student)
@@ -483,19 +493,18 @@ def teacher_gradient(teacher, student, student_optimizer, batch, feedback_batch,
     if aux:
         def aux_loss(batch):  # L_aux: online's eq. 3, the teacher with dropout
             logits = forward(teacher, batch, dropout=True)
-            return teacher_aux_loss(logits, batch["student_logits"], term_labels(batch), opts)
+            return teacher_aux_loss(logits, student_targets(batch), term_labels(batch), opts)
 
-        targeted = [dict(b, student_logits=s) for b, s in zip(batches, lookahead_logits)]
-        aux_grads, aux_value = batch_gradient(aux_loss, targeted, teacher_params)
+        aux_grads, aux_value = batch_gradient(aux_loss, batches, teacher_params)
         norms = [torch.nn.utils.get_total_norm(g) for g in (gradient, aux_grads)]
         logs["influence_aux_ratio"] = norms[0] / norms[1]  # kept apart for this ratio
         logs["teacher_loss"] = aux_value + objective
         gradient = [a + b for a, b in zip(aux_grads, gradient)]
     set_grad(teacher_params, gradient)
-    kept = None
+    student_logits = None
     if keep:
-        kept = lookahead_logits[0]
-    return TeacherGradient(logs, grads, loss, kept)
+        student_logits = kept[0]
+    return TeacherGradient(logs, grads, loss, student_logits)
 
 
 def student_gradient(teacher, student, batch, opts=Options(), student_logits=None):
@@ -536,7 +545,7 @@ def lgtm_step(teacher, student, teacher_optimizer, student_optimizer, batch, fee
     where it trains (bf16 autocast around the step is fine). Steps no scheduler, keeps the
     models' modes (and, for a classifier, reads nothing from the device); each model's .grad
     holds what its optimizer stepped with. With influence 'fd' a step costs 8 teacher and 10
-    student forward passes (a backward counts as two); 8 and 11 in micro-batches."""
+    student forward passes (a backward counts as two); 8 and 12 in micro-batches."""
     check_optimizers(teacher_optimizer, student_optimizer)
     update = teacher_gradient(teacher, student, student_optimizer, batch, feedback_batch, opts)
     step_teacher(teacher, teacher_optimizer, opts)
@@ -550,7 +559,9 @@ def lgtm_step(teacher, student, teacher_optimizer, student_optimizer, batch, fee
 
 
 def micro_batches(batch, name):
-    """A batch as its list of micro-batches ([batch] for a dict), each checked."""
+    """A batch as its list of micro-batches ([batch] for a dict), each checked, those without a
+    labelled token left out. Under torchrun each process's share needs one (a process that
+    raises leaves the others waiting, as with any error on one process)."""
     if batch is None:
         raise ValueError(f"{name} is None: meta and lgtm need a feedback batch z^e of held-out "
                          f"examples, a dict like the training batch")
@@ -569,7 +580,8 @@ def micro_batches(batch, name):
                              f"take {', '.join(MODEL_INPUTS)}, the labels are under 'labels'")
         if len(part["labels"]) == 0:
             raise ValueError(f"{name} holds no examples: give at least one")
-    if sum(len(term_labels(part)) for part in batches) == 0:
+    batches = [part for part in batches if len(term_labels(part))]  # the others add nothing
+    if not batches:
         raise ValueError(f"{name} has no labelled token: every label is {IGNORE}")
     return batches
 
@@ -1146,8 +1158,8 @@ PREVIOUS = "previous-run"  # where --overwrite keeps the old run until the new o
 
 class Run:
     """The run's folder: metrics.json (the history so far), train_log.jsonl (each step's losses,
-    and w with their rows), student/ (the best), teacher/ (the last), teacher_finetuned/ (stage
-    1), predictions/ and state.pt. Under torchrun rank 0 alone prints and writes."""
+    and w with their rows: rank 0's under torchrun), student/ (the best), teacher/ (the last),
+    teacher_finetuned/ (stage 1), predictions/ and state.pt. Rank 0 alone prints and writes."""
 
     def __init__(self, args, tokenizer, state=None):
         self.dir = args.output_dir
@@ -1275,11 +1287,15 @@ def stop_on_sigterm(signum, frame):
 
 @contextlib.contextmanager
 def stops_after_a_step():
+    """A training loop, a SIGTERM stopping it after a step; one that came after the last step
+    stops the run as the loop ends (its state saved then)."""
     IN_LOOP.append(True)
     try:
         yield
     finally:
         IN_LOOP.pop()
+    if TERMINATED:
+        raise KeyboardInterrupt("SIGTERM")
 
 
 def end_step(run, stage, step, parts, saving):
@@ -1573,7 +1589,7 @@ class Parser(argparse.ArgumentParser):
 
 
 def parse_args(argv=None):
-    """The flags, checked, every default resolved and every folder an absolute path."""
+    """The flags, checked, every default resolved, the models' and data's folders absolute."""
     gpus = torch.cuda.device_count()
     parser = Parser(description=__doc__.splitlines()[0], epilog=EXAMPLE,
                     formatter_class=HelpFormatter)
@@ -1672,9 +1688,9 @@ def add_method_flags(group):
                        "size; under torchrun, of all processes together")
     group.add_argument("--gradient-accumulation-steps", type=COUNT, default=1, help="take each "
                        "batch in N micro-batches: the same step, the memory of one micro-batch")
-    group.add_argument("--epochs", type=POSITIVE, default=6, help="distillation epochs")
+    group.add_argument("--epochs", type=POSITIVE, default=6.0, help="distillation epochs")
     group.add_argument("--teacher-epochs", type=number(float, lambda x: x >= 0, ">= 0"),
-                       default=6, help="kd, meta: stage 1's epochs; 0: skip stage 1")
+                       default=6.0, help="kd, meta: stage 1's epochs; 0: skip stage 1")
     group.add_argument("--max-steps", type=COUNT, help="stop each stage after N steps")
     group.add_argument("--seed", type=number(int, lambda x: 0 <= x < 2 ** 32, "in [0, 2^32)"),
                        default=42, help="of weights, dropout, order, split")
@@ -1877,7 +1893,7 @@ def saved_state(args):
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
         raise UserError(f"--resume: {path} was saved by another version of lgtm.py: resume "
                         f"with that version, or {fallback}")
-    if state["checksum"] != checksum(state):
+    if state.get("checksum") != checksum(state):
         raise UserError(f"--resume: {path} has changed since it was saved (its checksum "
                         f"differs), and is not used: {fallback}")
     differ = changed_flags(state["metrics"]["args"], vars(args))

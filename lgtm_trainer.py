@@ -29,7 +29,8 @@ refused before any update, and so are the arguments that would change a student'
 LGTM computes itself (label_smoothing_factor, neftune_noise_alpha, compute_loss_func). On
 several processes, the teacher starts from rank 0's weights and its gradients are averaged over
 the processes by lgtm's own all-reduce. The teacher is saved with the student, in teacher/, and
-a checkpoint keeps its optimizer and schedule, restored by train(resume_from_checkpoint=...).
+a checkpoint keeps its trained weights, optimizer and schedule, restored by
+train(resume_from_checkpoint=...) (the feedback batches then start again from the first).
 The logs gain teacher_loss, feedback_loss, influence_aux_ratio and w_mean, each a mean since the
 last log.
 """
@@ -84,14 +85,15 @@ class LGTMTrainer(Trainer):
                 self._signature_columns.append(name)
 
     def train(self, resume_from_checkpoint=None, **kwargs):
-        """Trainer's train(), the teacher resumed too: its weights now, its optimizer and
-        schedule as Trainer makes the student's."""
+        """Trainer's train(), the teacher resumed too: its trained weights now (a LoRA teacher's
+        adapters), its optimizer and schedule as Trainer makes the student's. The feedback
+        batches start again from the first, so a resumed run is not the run it continues."""
         if resume_from_checkpoint is True:
             resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
         if resume_from_checkpoint:
-            folder = os.path.join(resume_from_checkpoint, TEACHER_DIR)
-            saved = type(self.teacher).from_pretrained(folder)
-            self.teacher.load_state_dict(saved.state_dict())
+            path = os.path.join(resume_from_checkpoint, TEACHER_OPTIMIZER)
+            trained = torch.load(path, weights_only=True)["teacher"]
+            self.teacher.load_state_dict({**self.teacher.state_dict(), **trained})
             self.teacher_checkpoint = resume_from_checkpoint
         return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
 
@@ -126,8 +128,8 @@ class LGTMTrainer(Trainer):
         with self.accelerator.autocast():
             loss, _ = lgtm.distillation(self.teacher, model, inputs, self.lgtm_options)
             loss = loss * (len(lgtm.term_labels(inputs)) / self.step_share)
-        self.accelerator.backward(loss)
-        return loss.detach()
+        self.accelerator.backward(loss)  # a micro-batch without a labelled token adds 0
+        return torch.nan_to_num(loss.detach())
 
     def update_teacher(self, batches):
         """Lines 2-8 over the global step's micro-batches, then the teacher's step."""
@@ -181,7 +183,8 @@ class LGTMTrainer(Trainer):
             return
         output_dir = output_dir or self.args.output_dir
         self.teacher.save_pretrained(os.path.join(output_dir, TEACHER_DIR))
-        if _internal_call and not self.args.save_only_model:
-            state = {"optimizer": self.teacher_optimizer.state_dict(),
+        if _internal_call and not self.args.save_only_model:  # what resuming needs, adapters too
+            state = {"teacher": lgtm.trainable(self.teacher),
+                     "optimizer": self.teacher_optimizer.state_dict(),
                      "scheduler": self.teacher_scheduler.state_dict()}
             torch.save(state, os.path.join(output_dir, TEACHER_OPTIMIZER))

@@ -1,7 +1,7 @@
 """Tests for lgtm.py. Every approximation is checked against an independent exact computation
 (autograd through the unrolled step, double backward, per-sample gradient loops) on tiny random
-BERTs in float64, in the paper's order; then the use in one's own trainer, Hugging Face Trainer,
-several processes, data, the command line, the scripts and the notebook.
+BERTs in float64, in the paper's order; then the use in one's own trainer, causal language models,
+Hugging Face Trainer, several processes, data, the command line, the scripts and the notebook.
 
     python -m pytest -q test_lgtm.py
 
@@ -28,30 +28,43 @@ What they prove:
   before any update, and the errors name the real fix; under bf16 autocast every teacher forward
   (line 9 after the teacher's step included) equals a fresh copy's, in lgtm_step, online_step,
   the command line and Trainer; gradient checkpointing on the student and two vocabularies are
-  refused; three steps in a row equal Algorithm 1 by hand;
+  refused; three steps in a row equal Algorithm 1 by hand; logits of two widths are refused;
+- causal language models (tiny GPT-2 and Llama, float64, prompts and padding of uneven lengths):
+  each sequence's exact w equals its per-sequence autograd gradient, FD errs like eps^2, the
+  teacher's gradient is L_aux's plus the meta-gradient through the unrolled step on the mean over
+  labelled tokens, line 9 reads the updated teacher, micro-batches of unequal token counts make
+  the whole batch's step, encoder-decoders, two vocabularies, misfit labels and unlabelled batches
+  are refused; a LoRA teacher's adapter gradient is exact, and a LoRA student over a bf16 base
+  takes fp32 influences as accurate as over an fp32 base;
 - Hugging Face Trainer (lgtm_trainer.LGTMTrainer): one update of each model per global step with
-  fp32 influence passes under bf16, gradient accumulation equal to lgtm_step on the whole batch,
-  the teacher's inputs kept where the student takes fewer, the teacher saved in checkpoints and
-  resumed from them;
+  fp32 influence passes under bf16, gradient accumulation equal to lgtm_step on the whole batch
+  (for causal LMs, weighted by labelled tokens), the teacher's schedule stepped as the student's,
+  the arguments that would change the student's loss refused, the teacher's inputs kept where the
+  student takes fewer, the teacher saved in checkpoints and resumed from them;
 - data parallel under torchrun (2 gloo processes): every method's steps equal the one-process
-  steps on the whole batch, the ranks stay bit-identical, and the same steps without the
-  all-reduces do not; the command line under torchrun matches a plain run, and so does a run
-  with --gradient-accumulation-steps; SIGTERM to a torchrun job leaves the run's status written;
-  flags that do not fit the processes end in one usage error;
+  steps on the whole batch (a causal LM's too), the ranks stay bit-identical, and the same steps
+  without the all-reduces do not; the command line under torchrun matches a plain run, and so
+  does a run with --gradient-accumulation-steps; flags that do not fit the processes end in one
+  usage error;
 - section 1 of lgtm.py, copied out of the file with the imports above it, imports only the
   standard library and torch and trains on its own; the README's Python blocks (the snippet, the
   halves, the Trainer recipe) run in order and print what it shows, docs/reference.md's bf16 and
   accelerate recipes run after the snippet, and every lgtm.py command of the README parses;
 - data: each GLUE file format against rows written out here; metrics against values by hand;
 - the command line end to end, the probe set and the logging cadence without effect on training,
-  a table of bad inputs that each end in one `error:` line with no traceback, interrupts (Ctrl-C,
-  SIGTERM), NaN losses and a full disk that keep what was written; a run stopped mid-epoch (by
-  SIGTERM or Ctrl-C, in stage 1 or 2, on one process or one of two under torchrun) and resumed
-  ends bit for bit as the run never stopped; --overwrite keeps the old run until the new one
-  saves a state; a failed start leaves no folder it made; a mistyped flag gets one line naming
-  the flag meant, from rank 0 alone under torchrun;
-- benchmark.py; results.py, which never averages runs of different settings or of one seed; and
-  tutorial.ipynb executed top to bottom.
+  each schedule stepped and stage 1 trained with dropout, a table of bad inputs that each end in
+  one `error:` line with no traceback, interrupts (Ctrl-C, SIGTERM), NaN losses and a full disk
+  that keep what was written; a run stopped mid-epoch (by SIGTERM or Ctrl-C, in stage 1 or 2, on
+  one process or one of two under torchrun) and resumed ends bit for bit as the run never
+  stopped; the SLURM recipe with SIGTERM at random moments to every process of a torchrun job
+  (10 times) and of a plain run ends bit for bit as the job never stopped; a torn log line, a
+  full disk inside torch.save, a folder turned read-only, a kill in the first save, a changed or
+  foreign state.pt each end in one line and leave a run that continues or says how; --resume
+  compares what each process was given; --overwrite keeps the old run until the new one saves a
+  state; a failed start makes no folder; a mistyped flag gets one line, from rank 0 alone;
+- benchmark.py (and its causal-LM row); results.py, which never averages runs of different
+  settings or of one seed; and tutorial.ipynb executed top to bottom with its exercises' folded
+  solutions passing their checks.
 
 Nothing here needs the network or anything outside the repository. One test reads a whole GLUE
 copy where there is one (GLUE_DIR, or ../shared/glue) and says why it did not run where there is
@@ -426,7 +439,7 @@ def test_lookahead_equals_the_real_optimizer_step_and_leaves_it_untouched():
     params_before = snapshot(student)
     state_before = copy.deepcopy(optimizer.state_dict())
 
-    lr = lgtm.student_lr(optimizer, "adamw")
+    lr = lgtm.lookahead_lr(optimizer, "adamw")
     adamw = lgtm.look_ahead(params, grads, optimizer, lr, "adamw")
     sgd = lgtm.look_ahead(params, grads, optimizer, lr, "sgd")
 
@@ -1403,12 +1416,14 @@ def test_causal_lm_step_is_aux_plus_meta_gradient_then_line_9_from_the_new_teach
 @pytest.mark.parametrize("method", ["lgtm", "meta", "online", "kd"])
 def test_causal_lm_micro_batches_of_unequal_tokens_make_the_step_of_the_whole_batch(method):
     """Rows 3 + 1 hold 18 and 5 labelled tokens: each micro-batch weighs by its tokens (not its
-    rows, not 1/2 each), so two steps equal those on the whole batch to 1e-10."""
+    rows, not 1/2 each), and a third without a labelled token adds nothing, so two steps equal
+    those on the whole batch to 1e-9."""
     batch = lm_batch(40)
     feedback = lm_batch(41, size=3)
     parts = micro(batch, [3, 1])
     tokens = [int((part["labels"][:, 1:] != -100).sum()) for part in parts]
     assert tokens == [18, 5]
+    parts.append(dict(parts[1], labels=torch.full_like(parts[1]["labels"], -100)))  # adds nothing
     results = []
     for split in (False, True):
         teacher = causal_lm("llama", 5, layers=3)
@@ -1424,17 +1439,22 @@ def test_causal_lm_micro_batches_of_unequal_tokens_make_the_step_of_the_whole_ba
 
 def test_what_the_step_cannot_do_right_for_sequences_is_refused_before_any_update():
     """An encoder-decoder model, models of two vocabularies (two tokenizers), labels that do not
-    fit the logits, a batch whose every label is -100: one ValueError each, nothing updated."""
-    from transformers import T5Config, T5ForConditionalGeneration
+    fit the logits, a batch whose every label is -100, a token classifier: one ValueError each,
+    nothing updated."""
+    from transformers import BertForTokenClassification, T5Config, T5ForConditionalGeneration
     config = T5Config(vocab_size=60, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2,
                       decoder_start_token_id=0)
+    token_classifier = BertForTokenClassification(BertConfig(
+        vocab_size=60, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=32, max_position_embeddings=32, num_labels=5)).double()
     other_vocabulary = causal_lm("gpt2", 7, vocab=80)
     batch = lm_batch(1)
     ignored = dict(batch, labels=torch.full_like(batch["labels"], -100))
     cases = [(T5ForConditionalGeneration(config).double(), batch, "encoder-decoder"),
              (other_vocabulary, batch, "vocabulary has 60 ids and the student's 80"),
              (causal_lm("gpt2", 8), dict(batch, labels=batch["labels"][:, 0]), "for labels (4,)"),
-             (causal_lm("gpt2", 8), ignored, "has no labelled token")]
+             (causal_lm("gpt2", 8), ignored, "has no labelled token"),
+             (token_classifier, batch, "token classification is not supported")]
     teacher = causal_lm("gpt2", 6)
     for student, bad, needle in cases:
         before = flat_parameters(teacher, student)
@@ -1524,13 +1544,17 @@ def glue_like_dataset(tokenizer, rows, seed=0):
 
 
 def make_trainer(model_dir, out, student=None,
-                 lgtm_options=lgtm.Options(student_alpha=0.5), **arguments):
+                 lgtm_options=lgtm.Options(student_alpha=0.5), lora_teacher=False, **arguments):
     import transformers
 
     from lgtm_trainer import LGTMTrainer
     tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
     torch.manual_seed(0)
     teacher, _ = lgtm.load_model(str(model_dir), "--teacher", 2)
+    if lora_teacher:
+        from peft import LoraConfig, get_peft_model
+        config = LoraConfig(r=2, target_modules=["query", "value"], init_lora_weights=False)
+        teacher = get_peft_model(teacher, config)
     if student is None:
         student, _ = lgtm.load_model(str(model_dir), "--student", 2, 2)
     defaults = {"per_device_train_batch_size": 4,
@@ -1743,11 +1767,13 @@ def test_trainer_keeps_the_teachers_inputs_that_the_student_does_not_take(model_
     assert all(seen)
 
 
-def test_trainer_resumes_the_teacher_from_a_checkpoint(model_dir, tmp_path):
+@pytest.mark.parametrize("lora_teacher", [False, True])
+def test_trainer_resumes_the_teacher_from_a_checkpoint(lora_teacher, model_dir, tmp_path):
+    """The whole teacher, or a LoRA teacher's adapters, with its optimizer and schedule."""
     trainer = make_trainer(model_dir, tmp_path / "out", max_steps=2, save_strategy="steps",
-                           save_steps=2)
+                           save_steps=2, lora_teacher=lora_teacher)
     trainer.train()
-    resumed = make_trainer(model_dir, tmp_path / "out", max_steps=2)
+    resumed = make_trainer(model_dir, tmp_path / "out", max_steps=2, lora_teacher=lora_teacher)
     resumed.train(resume_from_checkpoint=True)  # checkpoint-2: no step left to take
     for a, b in zip(resumed.teacher.parameters(), trainer.teacher.parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
@@ -2661,7 +2687,8 @@ def test_resume_cuts_a_torn_log_line_and_takes_the_flags_that_change_no_number(m
     stopped_run(model_dir, out, monkeypatch, capsys)
     with open(out / "train_log.jsonl", "a") as log:
         log.write('{"step": 6, "lr_stud')
-    free = ["--eval-batch-size", "5", "--logging-steps", "2", "--teacher", f"{model_dir}/"]
+    free = ["--eval-batch-size", "5", "--logging-steps", "2", "--teacher", f"{model_dir}/",
+            "--epochs", "6"]  # the default, typed
     lgtm.main(with_flags(cli(model_dir, out, *RESUMABLE, "--resume"), free))
     assert_same_run(run_folder(out), run_folder(tmp_path / "whole"))
 
@@ -3463,10 +3490,10 @@ def test_committed_tutorial_has_the_outputs_of_a_full_run():
 
 
 def test_tutorial_prose_quotes_only_numbers_its_section_prints():
-    """Every decimal number of the notebook's text (0.01, 1e-6, 2e-4 ...) appears in the source
-    or the output of a code cell of the same section: the prose states no result that the cells
-    beside it do not show. Commands and code quoted in the text, and the paper's § numbers, are
-    not results."""
+    """Every decimal number of the notebook's text (0.01, 1e-6, 2e-4 ...) appears in what a code
+    cell of the same section printed (not merely typed in its code): the prose states no number
+    that the cells beside it do not show. Commands and code quoted in the text, and the paper's
+    § numbers, are not results."""
     import nbformat
     nb = nbformat.read(TUTORIAL, as_version=4)
     sections = [[]]
@@ -3478,7 +3505,7 @@ def test_tutorial_prose_quotes_only_numbers_its_section_prints():
     quoted = []
     not_shown = []
     for cells in sections:
-        shown = "".join(c.source + cell_text(c) for c in cells if c.cell_type == "code")
+        shown = "".join(cell_text(c) for c in cells if c.cell_type == "code")  # printed, not typed
         for cell in cells:
             if cell.cell_type != "markdown":
                 continue
@@ -3490,15 +3517,33 @@ def test_tutorial_prose_quotes_only_numbers_its_section_prints():
     assert not not_shown
 
 
+def with_solutions(nb):
+    """The notebook with each exercise's cell (a function that raises NotImplementedError)
+    replaced by the solution folded in a markdown cell beside it, as a learner would write it."""
+    solutions = {}
+    for cell in nb.cells:
+        if cell.cell_type == "markdown" and "<details>" in cell.source:
+            for block in re.findall(r"```python\n(.*?)```", cell.source, re.S):
+                for name in re.findall(r"^def (\w+)\(", block, re.M):
+                    solutions[name] = block
+    for cell in nb.cells:
+        if cell.cell_type == "code" and "raise NotImplementedError" in cell.source:
+            name = re.search(r"^def (\w+)\(", cell.source, re.M).group(1)
+            cell.source = solutions[name]
+    return nb
+
+
 @needs_minilm
-def test_tutorial_runs_top_to_bottom():
-    """Executed as committed: its assertions hold (the per-sample gradients sum to the meta-
-    gradient, the rule of section 10 holds for every sample, the step written in the notebook
-    equals lgtm_step), the sign is right, the control at λ = 0 predicts every dev sentence as
-    LGTM does, and the student learns SST-2 in the live run."""
+def test_tutorial_runs_top_to_bottom_and_its_solutions_pass_their_checks():
+    """Executed with the folded solutions written in (exercise 6's run aside): its assertions hold
+    (the per-sample gradients sum to the meta-gradient, the rule of section 10 holds for every
+    sample, the step written in section 8 equals lgtm_step), each exercise's check passes, the
+    sign is right, the control at λ = 0 predicts every dev sentence as LGTM does, the student
+    learns SST-2 in the live run, and a causal LM's per-token influences average to what
+    teacher_gradient logs."""
     import nbformat
     from nbclient import NotebookClient
-    nb = nbformat.read(TUTORIAL, as_version=4)
+    nb = with_solutions(nbformat.read(TUTORIAL, as_version=4))
     resources = {"metadata": {"path": str(TUTORIAL.parent)}}
     NotebookClient(nb, timeout=None, kernel_name="python3", resources=resources).execute()
     printed = "".join(cell_text(c) for c in nb.cells if c.cell_type == "code")
@@ -3508,3 +3553,9 @@ def test_tutorial_runs_top_to_bottom():
     final_line = printed.split("final dev accuracy:")[1].splitlines()[0]
     final = dict(part.split("=") for part in final_line.split())
     assert float(final["lgtm"]) >= float(final["majority"]) + 0.10
+    for check in ("relative difference from the autograd ∇θt w_i", "against influence_exact: w_i",
+                  "double backward against", "against lgtm.meta_step", "αs = 0.5: w_3 changes"):
+        assert check in printed, check
+    assert "not written yet" not in printed
+    logged = printed.split("teacher_gradient's logged w: largest difference ")[1].split()[0]
+    assert float(logged) < 1e-6
