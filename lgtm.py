@@ -537,15 +537,14 @@ def step_teacher(teacher, teacher_optimizer, opts):
 def lgtm_step(teacher, student, teacher_optimizer, student_optimizer, batch, feedback_batch,
               opts=Options()):
     """One iteration of Algorithm 1 on z^r and z^e: the teacher's update, then the student's.
-    A batch is a dict with input_ids and labels and, where the models take them, attention_mask
-    and token_type_ids (one tokenizer for both), or a list of such micro-batches. A classifier
-    returns logits (batch, classes) for labels (batch,); a causal LM (batch, length, vocabulary)
-    for labels (batch, length), unshifted, IGNORE where no loss is taken, as transformers'
-    collators make them. Logits come as a tensor or as .logits; the student keeps fp32 weights
-    where it trains (bf16 autocast around the step is fine). Steps no scheduler, keeps the
-    models' modes (and, for a classifier, reads nothing from the device); each model's .grad
-    holds what its optimizer stepped with. With influence 'fd' a step costs 8 teacher and 10
-    student forward passes (a backward counts as two); 8 and 12 in micro-batches."""
+    A batch is a dict with input_ids, labels and the masks the models take (one tokenizer for
+    both), or a list of such micro-batches. A classifier's logits are (batch, classes) for
+    labels (batch,); a causal LM's (batch, length, vocabulary) for labels (batch, length) as
+    transformers' collators make them (unshifted, IGNORE where no loss is taken). The student
+    trains fp32 weights (bf16 autocast around the step is fine). Steps no scheduler, keeps the
+    models' modes; .grad holds what each optimizer stepped with. With influence 'fd' a step
+    costs 8 teacher and 10 student forward passes (a backward counts two); 8 and 12 in
+    micro-batches."""
     check_optimizers(teacher_optimizer, student_optimizer)
     update = teacher_gradient(teacher, student, student_optimizer, batch, feedback_batch, opts)
     step_teacher(teacher, teacher_optimizer, opts)
@@ -1060,15 +1059,11 @@ def evaluate(model, dev, task, device):
 
 
 def rank():
-    if distributed():
-        return dist.get_rank()
-    return 0
+    return dist.get_rank() if distributed() else 0
 
 
 def world_size():
-    if distributed():
-        return dist.get_world_size()
-    return 1
+    return dist.get_world_size() if distributed() else 1
 
 
 def start_processes(device):
@@ -1854,11 +1849,8 @@ def check_output_dir(args):
     folder = out
     while not os.path.exists(folder):  # nor does a name too long for the file system
         folder = folder.parent
-    names = out.relative_to(folder).parts
     if not folder.is_dir():
         raise cannot_write(out, f"{folder} is a file")
-    if max(map(len, names), default=0) > os.pathconf(folder, "PC_NAME_MAX"):
-        raise cannot_write(out, "a name longer than the file system takes")
     if not os.access(folder, os.W_OK | os.X_OK):
         raise cannot_write(out, f"{folder} is not writable")
     held = [name for name in RUN_FILES if (out / name).exists()]
