@@ -1853,7 +1853,7 @@ def check_output_dir(args):
         raise cannot_write(out, f"{folder} is a file")
     if not os.access(folder, os.W_OK | os.X_OK):
         raise cannot_write(out, f"{folder} is not writable")
-    held = [name for name in RUN_FILES if (out / name).exists()]
+    held = [name for name in RUN_FILES if os.path.exists(out / name)]  # False for a name too long
     saved = STATE in held
     if held and not saved and not args.overwrite:  # a run stopped before its first save
         raise UserError(f"--output-dir {out} holds a run that saved no state ({STATE}): pass "
