@@ -1208,8 +1208,8 @@ class Run:
         """metrics.json, replaced whole."""
         if status is not None:
             self.metrics["status"] = status
-        text = json.dumps(self.metrics, indent=2, default=str)
         if self.writes:
+            text = json.dumps(self.metrics, indent=2, default=str)
             write_whole(self.dir / "metrics.json", functools.partial(Path.write_text, data=text))
 
     def checkpoint(self, model, name):
