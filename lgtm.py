@@ -662,21 +662,23 @@ def online_teacher_gradient(teacher, student, batch, opts=Options()):
     batches = micro_batches(batch, "batch")
     check_models(teacher, student)
     whole = len(batches) == 1
-    student_logits = []
+    kept = []  # the whole batch's student logits, with their graph, for student_gradient
 
     def aux_loss(batch):
         logits = forward(teacher, batch, dropout=True)
         with torch.set_grad_enabled(whole):  # micro-batches: values only, as L_aux needs
-            student_logits.append(forward(student, batch, dropout=True))
-        return teacher_aux_loss(logits, student_logits[-1], term_labels(batch), opts)
+            targets = forward(student, batch, dropout=True)
+        if whole:
+            kept.append(targets)
+        return teacher_aux_loss(logits, targets, term_labels(batch), opts)
 
     params = list(trainable(teacher).values())
     grads, loss = batch_gradient(aux_loss, batches, params)
     set_grad(params, grads)
-    kept = None
+    student_logits = None
     if whole:
-        kept = student_logits[0]
-    return loss, kept
+        student_logits = kept[0]
+    return loss, student_logits
 
 
 def online_step(teacher, student, teacher_optimizer, student_optimizer, batch,
