@@ -70,7 +70,7 @@ class LGTMTrainer(Trainer):
         self.teacher_optimizer = torch.optim.AdamW(self.teacher.parameters(),
                                                    teacher_learning_rate, weight_decay=0.0)
         self.teacher_scheduler = None
-        self.teacher_checkpoint = None  # the one train() resumes from
+        self.teacher_checkpoint = None  # the teacher_optimizer.pt that train() resumes from
         self.feedback_batches = None
         self.step_share = 1  # each process's share of the global step's loss terms
         self.lgtm_logs = []  # the teacher's logs since the last log, on the device
@@ -92,9 +92,9 @@ class LGTMTrainer(Trainer):
             resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
         if resume_from_checkpoint:
             path = os.path.join(resume_from_checkpoint, TEACHER_OPTIMIZER)
-            trained = torch.load(path, weights_only=True)["teacher"]
+            self.teacher_checkpoint = torch.load(path, weights_only=True)
+            trained = self.teacher_checkpoint["teacher"]
             self.teacher.load_state_dict({**self.teacher.state_dict(), **trained})
-            self.teacher_checkpoint = resume_from_checkpoint
         return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
 
     def create_scheduler(self, num_training_steps, optimizer=None):
@@ -105,10 +105,8 @@ class LGTMTrainer(Trainer):
                 self.args.lr_scheduler_type, self.teacher_optimizer, warmup, num_training_steps,
                 scheduler_specific_kwargs=self.args.lr_scheduler_kwargs)
         if self.teacher_checkpoint is not None:
-            path = os.path.join(self.teacher_checkpoint, TEACHER_OPTIMIZER)
-            state = torch.load(path, weights_only=True)
-            self.teacher_optimizer.load_state_dict(state["optimizer"])
-            self.teacher_scheduler.load_state_dict(state["scheduler"])
+            self.teacher_optimizer.load_state_dict(self.teacher_checkpoint["optimizer"])
+            self.teacher_scheduler.load_state_dict(self.teacher_checkpoint["scheduler"])
             self.teacher_checkpoint = None
         return scheduler
 
