@@ -2805,14 +2805,13 @@ def test_resume_refuses_a_changed_state_or_another_versions_in_one_line(model_di
     torch.save(state, path)
     foreign = path.read_bytes()
     resume = cli(model_dir, out, *RESUMABLE, "--resume")
-    cases = {flipped: "has changed since it was saved (its checksum differs)",
-             good[:len(good) // 3]: "could not read",
-             foreign: "was saved by another version of lgtm.py"}
+    cases = {flipped: f"{path} has changed since it was saved (its checksum differs)",
+             good[:len(good) // 3]: f"could not read {path}",
+             foreign: f"{path} was saved by another version of lgtm.py"}
     for content, needle in cases.items():
         path.write_bytes(content)
         before = files_of(out)
-        assert_one_clear_error(run_in_process(resume, capsys), f"{path} {needle}"
-                               if "could not" not in needle else f"{needle} {path}")
+        assert_one_clear_error(run_in_process(resume, capsys), needle)
         assert files_of(out) == before
     assert f"the best student so far is in {out / 'student'}" in run_in_process(resume, capsys)()[1]
 
