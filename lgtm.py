@@ -8,8 +8,7 @@ L_aux - ηs (1 - αs) mean(w) (eq. 11 with its sign corrected). w comes from two
 forward passes by finite differences (eq. 10), or exactly from one forward-mode pass. The models
 are classifiers, or causal language models whose samples are sequences of labelled tokens.
 
-    1. LGTM: Algorithm 1, lines 2-8 in teacher_gradient and line 9 in student_gradient. Needs
-       only torch, and can be copied out alone.
+    1. LGTM: Algorithm 1 (lines 2-8: teacher_gradient, 9: student_gradient); torch alone.
     2. The paper's comparison methods: vanilla KD, online distillation, meta distillation.
     3. GLUE data: from the Hub, or local TSV or parquet files.
     4. Models: Hub names or local folders.
@@ -23,6 +22,8 @@ import csv
 import dataclasses
 import functools
 import hashlib
+import io
+import itertools
 import json
 import math
 import os
@@ -54,8 +55,7 @@ def option(default, methods, allowed, meaning):
 
 @dataclasses.dataclass(frozen=True)
 class Options:
-    """What the steps can be told, each field checked once, when the Options are made; the
-    command line makes each a flag."""
+    """What the steps can be told, each field checked when the Options are made; each a flag."""
 
     alpha: float = option(0.6, ("online", "lgtm"), "in [0, 1]",
                           "the teacher's label weight in L_aux (eq. 3, 11)")
@@ -66,8 +66,7 @@ class Options:
     temperature: float = option(1.0, METHODS, "> 0", "T of the soft cross-entropy")
     influence: str = option("fd", ("meta", "lgtm"), ("fd", "exact"),
                             "line 7: finite differences (eq. 10), or exact (forward mode)")
-    fd_radius: float = option(0.01, ("meta", "lgtm"), "> 0",
-                              "r: line 6's step is ±(r / ||v||) v")
+    fd_radius: float = option(0.01, ("meta", "lgtm"), "> 0", "r: line 6's step is ±(r / ||v||) v")
     lookahead: str = option("sgd", ("meta", "lgtm"), ("sgd", "adamw"),
                             "line 4: an SGD step (Algorithm 1), or the student's AdamW step")
     influence_weight: float = option(1.0, ("meta", "lgtm"), ">= 0",
@@ -85,16 +84,13 @@ class Options:
                      "fd_radius": 0 < self.fd_radius < math.inf,
                      "influence_weight": 0 <= self.influence_weight < math.inf,
                      "teacher_max_grad_norm": 0 <= self.teacher_max_grad_norm < math.inf}
-        for name in ("distill_loss", "influence", "lookahead"):
-            valid[name] = getattr(self, name) in self.allowed(name)
-        for name, ok in valid.items():
-            if not ok:
-                raise ValueError(f"invalid option {name}={getattr(self, name)!r}: expected "
-                                 f"{self.allowed(name)}")
-
-    @classmethod
-    def allowed(cls, name):
-        return cls.__dataclass_fields__[name].metadata["allowed"]
+        for field in dataclasses.fields(self):
+            allowed = field.metadata["allowed"]
+            if isinstance(allowed, tuple):  # the choices of a str
+                valid[field.name] = getattr(self, field.name) in allowed
+            if not valid[field.name]:
+                raise ValueError(f"invalid option {field.name}={getattr(self, field.name)!r}: "
+                                 f"expected {allowed}")
 
 
 def ground_truth_loss(logits, labels):
@@ -135,8 +131,7 @@ def student_loss(student_logits, teacher_logits, labels, opts):
 
 
 def teacher_aux_loss(teacher_logits, student_logits, labels, opts):
-    """L_aux (eq. 11; online's whole loss, eq. 3): α L_ce(y, T) + (1 - α) D(S → T), the
-    student's logits as fixed targets."""
+    """L_aux (eq. 11; online's eq. 3): α L_ce(y, T) + (1 - α) D(S → T), S's logits fixed."""
     label_loss = ground_truth_loss(teacher_logits, labels)
     distill = distillation_loss(teacher_logits, student_logits.detach(), opts.distill_loss,
                                 opts.temperature)
@@ -145,10 +140,10 @@ def teacher_aux_loss(teacher_logits, student_logits, labels, opts):
 
 MODEL_INPUTS = ("input_ids", "token_type_ids", "attention_mask")
 IGNORE = -100  # a label that takes no loss, as in transformers: a prompt's or padding's token
+HALF = (torch.float16, torch.bfloat16)  # the 16-bit floats
 
 
 def model_inputs(batch):
-    """What the models are given of a batch: input_ids, and the masks it has."""
     return {key: batch[key] for key in MODEL_INPUTS if key in batch}
 
 
@@ -167,8 +162,7 @@ def term_labels(batch):
     terms = loss_terms(batch)
     if terms is None:
         return batch["labels"]
-    rows, positions = terms
-    return batch["labels"][rows, positions + 1]
+    return batch["labels"][terms[0], terms[1] + 1]
 
 
 def per_sample(values, batch):
@@ -190,29 +184,24 @@ def forward(model, batch, dropout, params=None):
     modes = [(module, module.training) for module in model.modules()]
     model.train(dropout)
     try:
-        if params is None:
-            output = model(**inputs)
-        else:
-            output = functional_call(model, params, (), inputs)
+        output = model(**inputs) if params is None else functional_call(model, params, (), inputs)
     finally:
         for module, training in modes:
             module.training = training
     logits = getattr(output, "logits", output)
-    expected = (len(batch["input_ids"]),)  # a classifier's rows
-    if "labels" in batch:
-        expected = tuple(batch["labels"].shape)
+    expected = tuple(batch["labels"].shape) if "labels" in batch else (len(batch["input_ids"]),)
     if not isinstance(logits, torch.Tensor) or tuple(logits.shape[:-1]) != expected:
         raise ValueError(f"a model returned {type(output).__name__} for labels {expected}: the "
                          f"steps need logits (batch, classes), or a causal LM's (batch, length, "
                          f"vocabulary) for labels (batch, length), as a tensor or as .logits")
     terms = loss_terms(batch)
-    if terms is not None and logits.shape[-1] != (vocabulary_size(model) or logits.shape[-1]):
+    if terms is not None and vocabulary_size(model) not in (None, logits.shape[-1]):
         raise ValueError(f"labels (batch, length) are a causal LM's next tokens, and this model "
                          f"gives {logits.shape[-1]} logits a token, not one per token id: token "
                          f"classification is not supported")
     if terms is not None:
         logits = logits[terms]
-    if logits.dtype in (torch.float16, torch.bfloat16):
+    if logits.dtype in HALF:
         return logits.float()
     return logits
 
@@ -222,7 +211,6 @@ def trainable(model):
 
 
 def distributed():
-    """Whether this process is one of several in a torch.distributed group (torchrun)."""
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
@@ -240,16 +228,14 @@ def global_mean(tensors, count):
 
 
 def batch_gradient(mean_loss, batches, params, retain_graph=False):
-    """(The gradient over params, the value) of a batch's mean loss over its loss terms (as
-    model(**batch).loss takes it), a micro-batch at a time, each weighted by its share of the
-    terms (under torchrun, every process's). Every micro-batch loop goes through here."""
+    """(The gradient over params, the value) of a batch's mean loss over its loss terms, a
+    micro-batch at a time, each weighted by its share of the terms (under torchrun, of all)."""
     counts = [len(term_labels(batch)) for batch in batches]
     grads = [torch.zeros_like(p) for p in params]
     total = params[0].new_zeros(())
     for batch, count in zip(batches, counts):
         loss = mean_loss(batch) * (count / sum(counts))
-        parts = torch.autograd.grad(loss, params, retain_graph=retain_graph,
-                                    materialize_grads=True)
+        parts = torch.autograd.grad(loss, params, retain_graph=retain_graph, materialize_grads=True)
         for grad, part in zip(grads, parts):
             grad += part
         total = total + loss.detach()
@@ -282,18 +268,15 @@ def look_ahead(params, grads, optimizer, lr, lookahead):
     if lookahead == "sgd":
         return {name: p - lr * g for (name, p), g in zip(params.items(), grads)}
     group_of = {p: group for group in optimizer.param_groups for p in group["params"]}
+    no_state = {"step": 0.0, "exp_avg": 0.0, "exp_avg_sq": 0.0}  # before the optimizer's first step
     theta = {}
     for (name, p), g in zip(params.items(), grads):
         group = group_of[p]
         beta1, beta2 = group["betas"]
-        state = optimizer.state.get(p)
-        step = 1.0
-        exp_avg = g * (1 - beta1)
-        exp_avg_sq = g * g * (1 - beta2)
-        if state:  # the step count stays a tensor: nothing is read from the device
-            step = torch.as_tensor(state["step"], dtype=torch.float64) + 1
-            exp_avg = exp_avg + state["exp_avg"] * beta1
-            exp_avg_sq = exp_avg_sq + state["exp_avg_sq"] * beta2
+        state = optimizer.state.get(p) or no_state
+        step = torch.as_tensor(state["step"], dtype=torch.float64) + 1  # no wait for the device
+        exp_avg = state["exp_avg"] * beta1 + g * (1 - beta1)
+        exp_avg_sq = state["exp_avg_sq"] * beta2 + g * g * (1 - beta2)
         denom = exp_avg_sq.sqrt() / (1 - beta2 ** step) ** 0.5 + group["eps"]
         decayed = p * (1 - lr * group["weight_decay"])
         theta[name] = decayed - lr / (1 - beta1 ** step) * exp_avg / denom
@@ -322,8 +305,7 @@ def full_precision(student):
     low = []
 
     def check(module, args, output):
-        in_low = isinstance(output, torch.Tensor) and output.dtype in (torch.float16,
-                                                                        torch.bfloat16)
+        in_low = getattr(output, "dtype", None) in HALF
         if in_low or torch.is_autocast_enabled(device_type):
             low.append(module)
 
@@ -338,28 +320,24 @@ def full_precision(student):
         for hook in hooks:
             hook.remove()
     if low:
-        raise ValueError("the student's forward turns autocast on by itself (accelerate's mixed "
-                         "precision wraps it so, as Trainer with bf16 does), and the influence "
-                         "passes need fp32: step accelerator.unwrap_model(student, "
-                         "keep_fp32_wrapper=False) inside accelerator.autocast(), or take the "
-                         "autocast off its forward")
+        raise ValueError("the student's forward turns autocast on by itself (as accelerate's "
+                         "mixed precision, Trainer's bf16, wraps it), and the influence passes "
+                         "need fp32: step accelerator.unwrap_model(student, keep_fp32_wrapper="
+                         "False) inside accelerator.autocast(), or take the autocast off")
 
 
 def frozen_in_fp32(student):
-    """fp32 copies of the student's weights kept in bf16 or fp16, all frozen (a LoRA student's
-    base), for the influence passes to run in fp32 through and through."""
-    return {name: p.float() for name, p in student.named_parameters()
-            if p.dtype in (torch.bfloat16, torch.float16)}
+    """fp32 copies of the student's frozen bf16 or fp16 weights (a LoRA student's base)."""
+    return {name: p.float() for name, p in student.named_parameters() if p.dtype in HALF}
 
 
 def influence_fd(student, v, batch, teacher_logits, opts):
     """The distillation influence w_i = ∇θs D_i · v by central differences (eq. 10, appendix B):
 
-        w_i ≈ [D_i(T, S(θs + eps v)) - D_i(T, S(θs - eps v))] / (2 eps),    eps = r / ||v||
+        w_i ≈ [D_i(T, S(θs + eps v)) - D_i(T, S(θs - eps v))] / (2 eps),   eps = fd_radius / ||v||
 
-    with r = opts.fd_radius. The passes at θs± (line 6) run without grad, without dropout (two
-    masks would make the difference noise) and in strict fp32; θs itself is not touched. w
-    keeps its graph to θt through teacher_logits."""
+    The passes at θs± (line 6) run without grad or dropout (two masks would make the difference
+    noise), in strict fp32. w keeps its graph to θt through teacher_logits."""
     params = trainable(student)
     eps = opts.fd_radius / torch.nn.utils.get_total_norm(v).clamp_min(1e-30)  # v = 0: w = 0
     frozen = frozen_in_fp32(student)
@@ -369,23 +347,21 @@ def influence_fd(student, v, batch, teacher_logits, opts):
         s_plus = forward(student, batch, dropout=False, params={**frozen, **plus})
         s_minus = forward(student, batch, dropout=False, params={**frozen, **minus})
     if opts.distill_loss == "mse":
-        difference = (distillation_loss(s_plus, teacher_logits, "mse")
-                      - distillation_loss(s_minus, teacher_logits, "mse"))
-        return difference / (2 * eps)
+        plus_loss = distillation_loss(s_plus, teacher_logits, "mse")
+        minus_loss = distillation_loss(s_minus, teacher_logits, "mse")
+        return (plus_loss - minus_loss) / (2 * eps)
     # The soft cross-entropy is linear in the student's log-probabilities: their difference,
     # made in place, is all that autograd keeps (a causal LM's logits are large).
-    temperature = opts.temperature
-    with torch.no_grad():
-        log_ratio = F.log_softmax(s_plus.div_(temperature), dim=-1)
-        log_ratio -= F.log_softmax(s_minus.div_(temperature), dim=-1)
+    log_ratio = F.log_softmax(s_plus.div_(opts.temperature), dim=-1)
+    log_ratio -= F.log_softmax(s_minus.div_(opts.temperature), dim=-1)
     del s_plus, s_minus
-    return soft_cross_entropy(log_ratio, teacher_logits, temperature) / (2 * eps)
+    return soft_cross_entropy(log_ratio, teacher_logits, opts.temperature) / (2 * eps)
 
 
 def influence_exact(student, v, batch, teacher_logits, opts):
-    """The same w_i exactly (eq. 8). One forward-mode pass gives the student's logits s and their
-    derivative along v, ds = J v; then w_i = dD_i/ds_i · ds_i. θt enters through teacher_logits
-    alone, so ∇θt w_i needs no graph through the student."""
+    """The same w_i exactly (eq. 8): one forward-mode pass gives the student's logits s and
+    ds = J v, and w_i = dD_i/ds_i · ds_i. θt enters through teacher_logits alone, so ∇θt w_i
+    needs no graph through the student."""
     params = {name: p.detach() for name, p in trainable(student).items()}
     frozen = frozen_in_fp32(student)
 
@@ -397,16 +373,12 @@ def influence_exact(student, v, batch, teacher_logits, opts):
             s, ds = jvp(logits_at, (params,), (dict(zip(params, v)),))
     except NotImplementedError as e:
         raise ValueError(f"influence 'exact' needs forward-mode AD through the student, which one "
-                         f"of its operations lacks ({str(e)[:200]}): a transformers model has it "
-                         f"with attn_implementation='eager', or after "
-                         f"model.set_attn_implementation('eager')") from e
+                         f"of its operations lacks ({str(e)[:200]}): attn_implementation='eager' "
+                         f"has it (model.set_attn_implementation('eager'))") from e
     s = s.detach().requires_grad_()
     loss = distillation_loss(s, teacher_logits, opts.distill_loss, opts.temperature)
     (dD_ds,) = torch.autograd.grad(loss.sum(), s, create_graph=True)
     return (dD_ds * ds.detach()).sum(-1)
-
-
-INFLUENCES = {"fd": influence_fd, "exact": influence_exact}
 
 
 def influence_objective(w, student_lr, student_alpha=0.0, weight=1.0):
@@ -446,11 +418,10 @@ def distillation(teacher, student, batch, opts, student_logits=None):
 def teacher_gradient(teacher, student, student_optimizer, batch, feedback_batch, opts=Options(),
                      aux=True):
     """Lines 2-8 of Algorithm 1: sets the teacher's .grad to the gradient of its loss (eq. 11:
-    L_aux plus the influence term; aux=False, the term alone: meta's eq. 7) and steps nothing,
-    so that your clipping and optimizer stay in charge. Each batch may be a list of micro-batches:
-    the look-ahead and v are the whole batch's, w and the gradients are taken a micro-batch at a
-    time. Under torchrun, call it on each process with its rows and the models unwrapped (no
-    DistributedDataParallel): it averages over the processes itself."""
+    L_aux plus the influence term; aux=False, the term alone: meta's eq. 7) and steps nothing:
+    your clipping and optimizer stay in charge. A batch may be a list of micro-batches (the
+    look-ahead and v stay the whole batch's). Under torchrun, call it on each process with its
+    rows and the models unwrapped (no DistributedDataParallel): it averages over them itself."""
     # Lines 2 and 5: the batches z^r and z^e, checked before anything runs.
     batches = micro_batches(batch, "batch")
     feedback_batches = micro_batches(feedback_batch, "feedback_batch")
@@ -479,10 +450,11 @@ def teacher_gradient(teacher, student, student_optimizer, batch, feedback_batch,
     # Line 6: v = ∇θs L_val(θs'; z^e), the direction of θs± = θs ± eps v.
     v, feedback_loss = feedback_gradient(student, theta, feedback_batches)
     ws = []
+    influence_of = influence_fd if opts.influence == "fd" else influence_exact
 
     def influence_term(batch):  # line 7: w (eq. 8, 10), in the teacher's term (eq. 11)
         teacher_logits = forward(teacher, batch, dropout=False)  # as line 9 takes them
-        w = INFLUENCES[opts.influence](student, v, batch, teacher_logits, opts)
+        w = influence_of(student, v, batch, teacher_logits, opts)
         ws.append(per_sample(w.detach(), batch))
         return influence_objective(w, lr, opts.student_alpha, opts.influence_weight)
 
@@ -501,18 +473,13 @@ def teacher_gradient(teacher, student, student_optimizer, batch, feedback_batch,
         logs["teacher_loss"] = aux_value + objective
         gradient = [a + b for a, b in zip(aux_grads, gradient)]
     set_grad(teacher_params, gradient)
-    student_logits = None
-    if keep:
-        student_logits = kept[0]
-    return TeacherGradient(logs, grads, loss, student_logits)
+    return TeacherGradient(logs, grads, loss, kept[0] if keep else None)
 
 
 def student_gradient(teacher, student, batch, opts=Options(), student_logits=None):
-    """Line 9 of Algorithm 1, and the student's update in kd and online (eq. 1-2, 4): sets the
-    student's .grad to ∇θs L_s against the teacher's targets taken now, without dropout (in lgtm
-    and online, after the teacher's update: appendix F.2), and steps nothing. student_logits,
-    of the whole batch with their graph, save a forward (lgtm_step passes the look-ahead's);
-    without them the student runs again, with dropout. Returns L_s."""
+    """Line 9 of Algorithm 1, and the student's update in kd and online (eq. 1-2, 4): its .grad
+    = ∇θs L_s against the teacher's targets taken now, without dropout; steps nothing, returns
+    L_s. student_logits (a whole batch's, with their graph) save its forward with dropout."""
     batches = micro_batches(batch, "batch")
     check_models(teacher, student)
     if student_logits is not None and len(batches) > 1:
@@ -537,14 +504,12 @@ def step_teacher(teacher, teacher_optimizer, opts):
 def lgtm_step(teacher, student, teacher_optimizer, student_optimizer, batch, feedback_batch,
               opts=Options()):
     """One iteration of Algorithm 1 on z^r and z^e: the teacher's update, then the student's.
-    A batch is a dict with input_ids, labels and the masks the models take (one tokenizer for
-    both), or a list of such micro-batches. A classifier's logits are (batch, classes) for
-    labels (batch,); a causal LM's (batch, length, vocabulary) for labels (batch, length) as
-    transformers' collators make them (unshifted, IGNORE where no loss is taken). The student
-    trains fp32 weights (bf16 autocast around the step is fine). Steps no scheduler, keeps the
-    models' modes; .grad holds what each optimizer stepped with. With influence 'fd' a step
-    costs 8 teacher and 10 student forward passes (a backward counts two); 8 and 12 in
-    micro-batches."""
+    A batch is a dict of input_ids, labels and the models' masks (one tokenizer for both), or a
+    list of such micro-batches. A classifier's logits are (batch, classes) for labels (batch,); a
+    causal LM's (batch, length, vocabulary) for labels (batch, length) as transformers' collators
+    make them (unshifted, IGNORE where no loss is taken). The student trains fp32 weights (bf16
+    autocast around the step is fine). Steps no scheduler and keeps the models' modes; .grad
+    holds what each optimizer stepped with."""
     check_optimizers(teacher_optimizer, student_optimizer)
     update = teacher_gradient(teacher, student, student_optimizer, batch, feedback_batch, opts)
     step_teacher(teacher, teacher_optimizer, opts)
@@ -556,7 +521,6 @@ def lgtm_step(teacher, student, teacher_optimizer, student_optimizer, batch, fee
 
 # -- What the steps refuse, before any update: each a one-line ValueError naming the fix --
 
-
 def micro_batches(batch, name):
     """A batch as its list of micro-batches ([batch] for a dict), each checked, those without a
     labelled token left out. Under torchrun each process's share needs one (a process that
@@ -564,11 +528,7 @@ def micro_batches(batch, name):
     if batch is None:
         raise ValueError(f"{name} is None: meta and lgtm need a feedback batch z^e of held-out "
                          f"examples, a dict like the training batch")
-    batches = [batch]
-    if not isinstance(batch, Mapping):
-        batches = list(batch)
-    if not batches:
-        raise ValueError(f"{name} is an empty list of micro-batches: give at least one")
+    batches = [batch] if isinstance(batch, Mapping) else list(batch)
     for part in batches:
         if not isinstance(part, Mapping):
             raise ValueError(f"{name} is a {type(part).__name__}: give a dict of tensors "
@@ -577,11 +537,10 @@ def micro_batches(batch, name):
         if missing:
             raise ValueError(f"{name} has no {missing[0]!r} (it has {sorted(part)}): the models "
                              f"take {', '.join(MODEL_INPUTS)}, the labels are under 'labels'")
-        if len(part["labels"]) == 0:
-            raise ValueError(f"{name} holds no examples: give at least one")
     batches = [part for part in batches if len(term_labels(part))]  # the others add nothing
     if not batches:
-        raise ValueError(f"{name} has no labelled token: every label is {IGNORE}")
+        raise ValueError(f"{name} holds no labelled example (no rows, or every label is "
+                         f"{IGNORE}): give at least one")
     return batches
 
 
@@ -602,9 +561,9 @@ def check_models(teacher, student):
             raise ValueError(f"{type(model).__name__} is an encoder-decoder model: the steps "
                              f"take classifiers and causal LMs (decoder-only)")
     device_type = next(student.parameters()).device.type
-    if torch.is_autocast_enabled(device_type):
-        if torch.get_autocast_dtype(device_type) == torch.float16:
-            raise ValueError(FP16)
+    autocast_dtype = torch.get_autocast_dtype(device_type)
+    if torch.is_autocast_enabled(device_type) and autocast_dtype == torch.float16:
+        raise ValueError(FP16)
     sizes = [vocabulary_size(teacher), vocabulary_size(student)]
     if None not in sizes and sizes[0] != sizes[1]:
         raise ValueError(f"the teacher's vocabulary has {sizes[0]} ids and the student's "
@@ -612,7 +571,6 @@ def check_models(teacher, student):
 
 
 def vocabulary_size(model):
-    """The size of a model's input embedding, or None where it has none to tell."""
     try:
         return model.get_input_embeddings().num_embeddings
     except (AttributeError, NotImplementedError):
@@ -633,19 +591,15 @@ def check_student(student):
 
 
 def check_plain_adamw(optimizer):
-    inner = getattr(optimizer, "optimizer", None)  # accelerate's AcceleratedOptimizer wraps one
-    if type(inner) is torch.optim.AdamW:
-        raise ValueError(f"lookahead 'adamw' reads a torch.optim.AdamW, which this "
-                         f"{type(optimizer).__name__} wraps: pass that one (with Hugging Face "
-                         f"Trainer, trainer.optimizer.optimizer)")
     extras = [g.get("amsgrad") or g.get("maximize") for g in optimizer.param_groups]
     if type(optimizer) is not torch.optim.AdamW or any(extras):
         raise ValueError(f"lookahead 'adamw' simulates torch.optim.AdamW without amsgrad or "
-                         f"maximize, not this {type(optimizer).__name__}: use lookahead 'sgd'")
+                         f"maximize, from its state; this {type(optimizer).__name__} is not one: "
+                         f"pass that AdamW (a wrapper's own: with Trainer, "
+                         f"trainer.optimizer.optimizer), or use lookahead 'sgd'")
 
 
 # == 2. The paper's comparison methods (its figure 1), with lgtm_step's signature ============
-
 
 def kd_step(teacher, student, teacher_optimizer, student_optimizer, batch, feedback_batch=None,
             opts=Options()):
@@ -657,8 +611,7 @@ def kd_step(teacher, student, teacher_optimizer, student_optimizer, batch, feedb
 
 
 def online_teacher_gradient(teacher, student, batch, opts=Options()):
-    """Online distillation's teacher (eq. 3): its .grad set to ∇θt L_aux against the student's
-    logits with dropout. Returns L_aux, and those logits if the batch came whole."""
+    """Online's teacher (eq. 3): .grad = ∇θt L_aux; returns L_aux, and S's logits if whole."""
     batches = micro_batches(batch, "batch")
     check_models(teacher, student)
     whole = len(batches) == 1
@@ -675,10 +628,7 @@ def online_teacher_gradient(teacher, student, batch, opts=Options()):
     params = list(trainable(teacher).values())
     grads, loss = batch_gradient(aux_loss, batches, params)
     set_grad(params, grads)
-    student_logits = None
-    if whole:
-        student_logits = kept[0]
-    return loss, student_logits
+    return loss, (kept[0] if whole else None)
 
 
 def online_step(teacher, student, teacher_optimizer, student_optimizer, batch,
@@ -703,8 +653,7 @@ def meta_gradients(teacher, student, student_optimizer, batch, feedback_batch, o
 
 def meta_step(teacher, student, teacher_optimizer, student_optimizer, batch, feedback_batch,
               opts=Options()):
-    """Meta distillation (MetaDistil, eq. 6-7): the fine-tuned teacher learns the influence term
-    alone; the student takes the look-ahead's step."""
+    """MetaDistil (eq. 6-7): the teacher learns the influence term, the student its look-ahead."""
     check_optimizers(teacher_optimizer, student_optimizer)
     logs = meta_gradients(teacher, student, student_optimizer, batch, feedback_batch, opts)
     step_teacher(teacher, teacher_optimizer, opts)
@@ -716,7 +665,6 @@ STEPS = {"kd": kd_step, "online": online_step, "meta": meta_step, "lgtm": lgtm_s
 
 
 # == 3. GLUE data: the Hub, or a local copy in the GLUE TSV or the Hub's parquet layout =======
-
 
 class UserError(Exception):
     """Bad input, or a stopped run: main() prints its one line and exits with its code."""
@@ -741,7 +689,6 @@ class Task:
 
     @property
     def num_labels(self):
-        """The number of classes, or 1 output for a regression task."""
         return max(len(self.labels), 1)
 
 
@@ -766,8 +713,7 @@ TASKS = {task.name: task for task in [
 
 
 def read_split(task, data_dir, split):
-    """One split of a GLUE task as text_a, [text_b], label (a class id or a score; -1 in test)
-    and idx: from the Hub (data_dir None), or data_dir's GLUE TSV or the Hub's parquet files."""
+    """A GLUE split as text_a, [text_b], label (-1 in test) and idx: Hub, TSV or parquet files."""
     if data_dir is None:
         source = f"nyu-mll/glue {task.name} {split} from the Hub (offline: --data-dir DIR)"
         ds = load_dataset(source, "nyu-mll/glue", task.name, split=split)
@@ -788,17 +734,14 @@ def missing_file(task, path):
 
 
 def read_tsv(task, path, split):
-    """A GLUE TSV file: no quoting, MRPC's with a byte-order mark, CoLA's train and dev without
-    a header; label names, and an id column in test alone."""
+    """A GLUE TSV: no quoting, MRPC's byte-order mark, no header in CoLA's train and dev."""
     if not path.is_file():
         raise missing_file(task, path)
     test = split.startswith("test")
     header = test or task.name != "cola"
     if len(path.read_bytes().strip().splitlines()) <= header:
         raise UserError(f"{path} has no examples: restore the complete file")
-    column_names = None
-    if not header:
-        column_names = ["src", task.tsv_label, "mark", *task.tsv_text]
+    column_names = None if header else ["src", task.tsv_label, "mark", *task.tsv_text]
     ds = load_dataset(path, "csv", data_files=str(path), split="train", delimiter="\t",
                       quoting=csv.QUOTE_NONE, encoding="utf-8-sig", na_filter=False,
                       column_names=column_names)
@@ -818,15 +761,11 @@ def glue_columns(task, ds, source, text, label, idx, first_line=None):
     rows = {"text_a": ds[text[0]]}
     if len(text) == 2:
         rows["text_b"] = ds[text[1]]
-    rows["label"] = [-1] * len(ds)
-    if label is not None:
-        rows["label"] = ds[label]
+    rows["label"] = ds[label] if label is not None else [-1] * len(ds)
     if first_line is not None:
         rows["label"] = [label_id(task, value, f"{source}, line {first_line + row}")
                          for row, value in enumerate(rows["label"])]
-    rows["idx"] = list(range(len(ds)))
-    if idx in ds.column_names:
-        rows["idx"] = ds[idx]
+    rows["idx"] = ds[idx] if idx in ds.column_names else list(range(len(ds)))
     return datasets.Dataset.from_dict(rows)
 
 
@@ -842,7 +781,6 @@ def label_id(task, value, where):
 
 
 def one_line(error):
-    """An exception as one line: its type and its words."""
     return f"{type(error).__name__}: " + " ".join(str(error).split())
 
 
@@ -870,8 +808,7 @@ def make_loader(ds, tokenizer, max_length, batch_size, shuffle=False, seed=0, dr
     text = [column for column in ("text_a", "text_b") if column in ds.column_names]
 
     def tokenize(rows):
-        return tokenizer(*[rows[column] for column in text], truncation=True,
-                         max_length=max_length)
+        return tokenizer(*[rows[column] for column in text], truncation=True, max_length=max_length)
 
     ds = ds.map(tokenize, batched=True, remove_columns=text)
     return torch.utils.data.DataLoader(ds, batch_size, shuffle,
@@ -885,13 +822,12 @@ def to_device(batch, device):
 
 
 class Batches:
-    """A loader's batches, epoch after epoch, and where it stands (the shuffle's generator state
+    """A loader's batches, epoch after epoch, and where they stand (the shuffle's generator state
     as the epoch began, the batches taken since), which load_state_dict restores."""
 
     def __init__(self, loader):
         self.loader = loader
-        self.epoch = None
-        self.taken = 0
+        self.place = {"epoch": None, "taken": 0}
         self.batches = iter(())
 
     def __iter__(self):
@@ -902,25 +838,20 @@ class Batches:
         if batch is None:  # the first epoch, or the last one ended
             self.load_state_dict({"epoch": self.loader.generator.get_state(), "taken": 0})
             batch = next(self.batches)
-        self.taken += 1
+        self.place["taken"] += 1
         return batch
 
     def state_dict(self):
-        return {"epoch": self.epoch, "taken": self.taken}
+        return dict(self.place)
 
-    def load_state_dict(self, state):
-        if state["epoch"] is None:
-            return
-        self.loader.generator.set_state(state["epoch"])
-        self.epoch = state["epoch"]
-        self.batches = iter(self.loader)
-        for _ in range(state["taken"]):
-            next(self.batches)
-        self.taken = state["taken"]
+    def load_state_dict(self, place):
+        self.place = dict(place)
+        if place["epoch"] is not None:  # the epoch again, less the batches taken
+            self.loader.generator.set_state(place["epoch"].cpu())  # resumed: maybe on the GPU
+            self.batches = itertools.islice(self.loader, place["taken"], None)
 
 
 # == 4. Models: Hub names or local folders, fp32 master weights, one line of report each ======
-
 
 def could_not_load(flag, name, error):
     return UserError(f"could not load {flag} {name} ({one_line(error)})")
@@ -952,11 +883,9 @@ def load_model(name, flag, num_labels, layers=None, attention="sdpa"):
         depth = config.num_hidden_layers
         if layers and layers > depth:
             raise UserError(f"--student-layers {layers}: {name} has only {depth} layers")
-        kwargs = {"num_labels": num_labels, "dtype": torch.float32,
-                  "attn_implementation": attention}
-        if layers:
-            kwargs["num_hidden_layers"] = layers
-        model = AutoModelForSequenceClassification.from_pretrained(name, **kwargs)
+        model = AutoModelForSequenceClassification.from_pretrained(
+            name, num_labels=num_labels, num_hidden_layers=layers or depth, dtype=torch.float32,
+            attn_implementation=attention)
     except UserError:
         raise
     except Exception as e:
@@ -965,9 +894,7 @@ def load_model(name, flag, num_labels, layers=None, attention="sdpa"):
                             f"labels and this task has {num_labels}: give a checkpoint without a "
                             f"head (a pre-trained model) or one fine-tuned on this task") from None
         raise could_not_load(flag, name, e) from None
-    kept = depth
-    if layers:
-        kept = f"first {layers} of {depth}"
+    kept = f"first {layers} of {depth}" if layers else depth
     size = model.num_parameters() / 1e6
     return model, f"{flag[2:]}: {kept} layers of {name} ({size:.1f}M parameters)"
 
@@ -981,14 +908,10 @@ def zero_classifier(model):
 
 def make_optimizer(model, lr, total_steps):
     """AdamW (fused on a GPU), its learning rate decaying linearly to 0 over total_steps."""
+    from transformers import get_scheduler
     fused = model.device.type == "cuda"
     optimizer = torch.optim.AdamW(model.parameters(), lr, weight_decay=0.0, fused=fused)
-    decay = functools.partial(linear_decay, total_steps=total_steps)
-    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, decay)
-
-
-def linear_decay(step, total_steps):
-    return 1 - step / total_steps
+    return optimizer, get_scheduler("linear", optimizer, 0, total_steps)
 
 
 def compile_models(*models):
@@ -1000,7 +923,6 @@ def compile_models(*models):
 
 # == 5. Evaluation and metrics ================================================================
 
-
 @torch.no_grad()
 def predict(model, loader, device):
     """The model's logits (fp32, on the CPU) for every batch of the loader, without dropout."""
@@ -1008,24 +930,17 @@ def predict(model, loader, device):
 
 
 def compute_metrics(task, logits, labels):
-    """The task's GLUE metrics of the logits against the labels."""
-    labels = torch.as_tensor(labels)
-    if not task.labels:
+    """The task's GLUE metrics of the logits against the labels (scikit-learn's for classes)."""
+    from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
+    if not task.labels:  # a regression's scores: NaN where they are constant
         scores = logits[:, 0]
+        labels = torch.as_tensor(labels)
         return {"pearson": pearson(scores, labels),
                 "spearman": pearson(average_ranks(scores), average_ranks(labels))}
-    predicted = logits.argmax(-1)
-    tp = float(((predicted == 1) & (labels == 1)).sum())
-    tn = float(((predicted == 0) & (labels == 0)).sum())
-    fp = float(((predicted == 1) & (labels == 0)).sum())
-    fn = float(((predicted == 0) & (labels == 1)).sum())
-    matthews = 0.0
-    denominator = math.sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn))
-    if denominator > 0:
-        matthews = (tp * tn - fp * fn) / denominator
-    metrics = {"accuracy": float((predicted == labels).float().mean()),
-               "f1": 2 * tp / max(2 * tp + fp + fn, 1), "matthews": matthews}
-    return {name: metrics[name] for name in task.metrics}
+    predicted = logits.argmax(-1).numpy()
+    metrics = {"accuracy": accuracy_score, "matthews": matthews_corrcoef,
+               "f1": functools.partial(f1_score, zero_division=0.0)}
+    return {name: float(metrics[name](labels, predicted)) for name in task.metrics}
 
 
 def pearson(a, b):
@@ -1059,7 +974,6 @@ def evaluate(model, dev, task, device):
 
 # == 6. Processes (torchrun) and the run: its folder and saved state, stage 1, stage 2 ========
 
-
 def rank():
     return dist.get_rank() if distributed() else 0
 
@@ -1081,14 +995,9 @@ def start_processes(device):
         dist.init_process_group("gloo")
 
 
-def end_processes():
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
-
-
 def together(step, *args):
     """step(*args) on every process; if it fails on one, it fails on all with that message, so
-    that none waits for the others in vain. step runs no collective."""
+    that none waits for the others in vain. step must run no collective."""
     if not distributed():
         return step(*args)
     result = None
@@ -1147,7 +1056,7 @@ class RunData:
 
 
 STATE = "state.pt"
-STATE_FORMAT = 2  # of what save_state writes; a state.pt of another format is refused by name
+STATE_FORMAT = 3  # of what save_state writes; a state.pt of another format is refused by name
 RUN_FILES = ("metrics.json", "train_log.jsonl", "student", "teacher", "teacher_finetuned",
              "predictions", STATE)
 PREVIOUS = "previous-run"  # where --overwrite keeps the old run until the new one saves a state
@@ -1170,10 +1079,8 @@ class Run:
             self.ratios = state["ratios"]
             self.metrics = {**state["metrics"], "args": dict(vars(args)), "status": "running"}
             kept = logged_until(self.dir / "train_log.jsonl", state)
-        self.log_file = None
-        if self.writes:
-            self.log_file = open(self.dir / "train_log.jsonl", "w")
-            self.log_file.writelines(kept)
+        if self.writes:  # train_log.jsonl anew, or as it stood at the saved step
+            (self.dir / "train_log.jsonl").write_text("".join(kept))
 
     def note(self, message, warning=False):
         """Prints a line above the progress bar and keeps it in metrics.json."""
@@ -1195,9 +1102,9 @@ class Run:
             record.update({key: value.tolist() for key, value in out.items()})
             records.append(record)
         self.ratios += [r["influence_aux_ratio"] for r in records if "influence_aux_ratio" in r]
-        if self.writes:
-            self.log_file.writelines(json.dumps(record) + "\n" for record in records)
-            self.log_file.flush()
+        if self.writes and records:
+            with open(self.dir / "train_log.jsonl", "a") as log_file:
+                log_file.writelines(json.dumps(record) + "\n" for record in records)
         for record in records:
             for key, value in record.items():
                 if "loss" in key and not math.isfinite(value):
@@ -1230,10 +1137,6 @@ class Run:
         self.note(f"step {entry['step']}: student {fmt(entry['student'])} | teacher "
                   f"{fmt(entry['teacher'])}")
 
-    def close(self):
-        if self.log_file is not None:
-            self.log_file.close()
-
 
 def write_whole(path, write):
     """write(a temporary file), which then replaces the file; torch.save's errors as OSError."""
@@ -1251,9 +1154,7 @@ def write_whole(path, write):
 def logged_until(path, state):
     """The lines of train_log.jsonl up to a state's step (none for stage 1), none cut short."""
     kept = []
-    lines = []
-    if path.is_file():
-        lines = path.read_text().splitlines(keepends=True)
+    lines = path.read_text().splitlines(keepends=True) if path.is_file() else []
     for line in lines:
         try:
             step = json.loads(line)["step"]
@@ -1284,8 +1185,7 @@ def stop_on_sigterm(signum, frame):
 
 @contextlib.contextmanager
 def stops_after_a_step():
-    """A training loop, a SIGTERM stopping it after a step; one that came after the last step
-    stops the run as the loop ends (its state saved then)."""
+    """A training loop that a SIGTERM stops after its step (after the last step: as it ends)."""
     IN_LOOP.append(True)
     try:
         yield
@@ -1296,8 +1196,7 @@ def stops_after_a_step():
 
 
 def end_step(run, stage, step, parts, saving):
-    """After a step: its state saved if saving, or if a SIGTERM reached any process, which then
-    stops the run; all processes agree (over gloo: no GPU is waited for)."""
+    """After a step: the state saved if saving, or if any process had a SIGTERM (it then stops)."""
     stopping = torch.tensor([len(TERMINATED)])
     if distributed():
         dist.all_reduce(stopping, op=dist.ReduceOp.MAX)
@@ -1309,8 +1208,8 @@ def end_step(run, stage, step, parts, saving):
 
 def save_state(run, stage, step, parts):
     """What --resume continues from: parts (name -> anything with a state_dict), every process's
-    random state, the run's record and a checksum. The first state of a run that replaced
-    another (--overwrite) removes that one."""
+    random state and the run's record, sealed by their sha256. The first state of a run that
+    replaced another (--overwrite) removes that one."""
     randomness = [torch.get_rng_state()]
     if torch.cuda.is_available():
         randomness.append(torch.cuda.get_rng_state())
@@ -1322,36 +1221,22 @@ def save_state(run, stage, step, parts):
         return
     state = {name: part.state_dict() for name, part in parts.items()}
     record = json.loads(json.dumps(run.metrics, default=str))
-    state.update(format=STATE_FORMAT, stage=stage, step=step, random=every_process,
-                 processes=world_size(), metrics=record, ratios=run.ratios)
-    state["checksum"] = checksum(state)
-    write_whole(run.dir / STATE, functools.partial(torch.save, state))
+    state.update(stage=stage, step=step, random=every_process, processes=world_size(),
+                 metrics=record, ratios=run.ratios)
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    payload = torch.frombuffer(buffer.getbuffer(), dtype=torch.uint8)  # the bytes, as a tensor
+    sealed = {"format": STATE_FORMAT, "sha256": hashlib.sha256(payload.numpy()).hexdigest(),
+              "state": payload}
+    write_whole(run.dir / STATE, functools.partial(torch.save, sealed))
     run.save()
     shutil.rmtree(run.dir / PREVIOUS, ignore_errors=True)
 
 
-def checksum(state):
-    """A sha256 of a state, tensors byte for byte: a state.pt changed on disk is seen."""
-    digest = hashlib.sha256()
-    values = [state]
-    while values:
-        value = values.pop()
-        if isinstance(value, torch.Tensor):
-            digest.update(f"{value.dtype}{tuple(value.shape)}".encode())
-            digest.update(value.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy())
-        elif isinstance(value, Mapping):
-            keys = [key for key in value if key != "checksum"]
-            digest.update(repr(keys).encode())
-            values += [value[key] for key in keys]
-        elif isinstance(value, (list, tuple)):
-            values += list(value)
-        else:
-            digest.update(repr(value).encode())
-    return digest.hexdigest()
-
-
 def restore(state, parts):
-    """The saved parts and this process's random state, back; returns the step saved."""
+    """The saved parts and this process's random state, back; returns the step saved (0: none)."""
+    if state is None:
+        return 0
     for name, part in parts.items():
         part.load_state_dict(state[name])
     randomness = state["random"][rank()]
@@ -1362,7 +1247,6 @@ def restore(state, parts):
 
 
 def autocast(device, precision):
-    """bf16 autocast for --precision bf16; otherwise nothing."""
     return torch.autocast(torch.device(device).type, torch.bfloat16, enabled=precision == "bf16")
 
 
@@ -1401,9 +1285,7 @@ def finetune_teacher(teacher, data, args, run, state=None):
     params = list(trainable(teacher).values())
     parts = {"teacher": teacher, "teacher_optimizer": optimizer, "teacher_scheduler": scheduler,
              "train": Batches(data.train)}
-    first = 1
-    if state is not None:
-        first = restore(state, parts) + 1
+    first = restore(state, parts) + 1
     save_steps = args.eval_steps or len(data.train)
 
     def label_loss(batch):
@@ -1440,9 +1322,7 @@ def train_loop(teacher, student, data, args, opts, run, state=None):
              "student_scheduler": student_scheduler, "train": Batches(data.train)}
     if data.feedback is not None:
         parts["feedback"] = Batches(data.feedback)
-    first = 1
-    if state is not None:
-        first = restore(state, parts) + 1
+    first = restore(state, parts) + 1
     eval_steps = args.eval_steps or len(data.train)
     progress = tqdm(range(first, total + 1), desc=args.method, disable=rank() > 0)
     pending = []  # the steps whose losses are still on the device
@@ -1454,9 +1334,8 @@ def train_loop(teacher, student, data, args, opts, run, state=None):
                 pending.append((step, *take_step(parts, args, opts)))
                 evaluating = step % eval_steps == 0 or step == total
                 if step % args.logging_steps == 0 or evaluating:
-                    finished = pending
+                    records = run.log(pending)
                     pending = []
-                    records = run.log(finished)
                     progress.set_postfix(student_loss=f"{records[-1]['student_loss']:.4f}")
                 seconds += time.perf_counter() - started
                 if evaluating:
@@ -1512,9 +1391,7 @@ def probe(teacher, student, student_optimizer, batches, opts):
     gives their gold label (the paper's figures 3, 4); the random state and .grad untouched."""
     batch, feedback_batch = batches
     grads = [p.grad for p in teacher.parameters()]
-    devices = []
-    if batch["labels"].is_cuda:
-        devices = [batch["labels"].device]
+    devices = [batch["labels"].device] if batch["labels"].is_cuda else []
     with torch.random.fork_rng(devices):
         update = teacher_gradient(teacher, student, student_optimizer, batch, feedback_batch,
                                   opts, aux=False)
@@ -1557,14 +1434,13 @@ POSITIVE = number(float, lambda x: x > 0, "> 0")
 COUNT = number(int, lambda x: x > 0, "> 0")
 
 
-def option_value(name, text):
+def option_value(name, allowed, text):
     """An argparse type: text as a number that Options takes for its field name."""
     try:
         value = float(text)
-        Options(**{name: value})
+        Options(**{name: value})  # checks it
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected {Options.allowed(name)}, got "
-                                         f"{text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected {allowed}, got {text!r}") from None
     return value
 
 
@@ -1595,31 +1471,25 @@ def parse_args(argv=None):
     add_run_flags(parser)
     args = parser.parse_args(argv)
     check_flags(parser, args)
-    resolve_flags(parser, args, gpus)
+    resolve_flags(parser, args)
     return args
 
 
-def resolve_flags(parser, args, gpus):
-    """Folders as absolute paths; the defaults of the machine, the task and the method."""
+def resolve_flags(parser, args):
+    """Folders as absolute paths; the defaults of the device, the task and the method."""
     args.teacher = model_name(parser, "--teacher", args.teacher)
     args.student = model_name(parser, "--student", args.student)
     if args.data_dir is not None:
         args.data_dir = args.data_dir.expanduser().resolve()
-    if args.device is None:
-        args.device = "cuda" if gpus else "cpu"
     if args.precision is None:
         args.precision = "fp32" if args.device == "cpu" else "tf32"
     if args.distill_loss is None and not TASKS[args.task].labels:
         args.distill_loss = "mse"  # regression: the soft cross-entropy needs classes
-    recipe = {"teacher_lr": 3e-5}
-    if args.method == "meta":
-        recipe = META_RECIPE
-    for name, value in recipe.items():
+    defaults = {field.name: field.default for field in dataclasses.fields(Options)}
+    recipe = META_RECIPE if args.method == "meta" else {"teacher_lr": 3e-5}
+    for name, value in {**defaults, **recipe}.items():  # the recipe's over Options' own
         if getattr(args, name) is None:
             setattr(args, name, value)
-    for field in dataclasses.fields(Options):  # the rest: Options' own defaults
-        if getattr(args, field.name) is None:
-            setattr(args, field.name, field.default)
 
 
 def add_input_flags(parser, gpus):
@@ -1632,26 +1502,23 @@ def add_input_flags(parser, gpus):
                       "for every method; 0: the feedback comes from dev, as in the paper")
     data.add_argument("--max-seq-length", type=number(int, lambda x: x >= 8, ">= 8"),
                       default=128, help="tokens per example, longer ones truncated")
-    data.add_argument("--max-train-samples", type=COUNT,
-                      help="keep the first N training examples")
+    data.add_argument("--max-train-samples", type=COUNT, help="keep the first N training examples")
     data.add_argument("--probe-samples", type=COUNT, help="at each evaluation, record w_i and "
                       "P(gold) of N fixed training examples")
     models = parser.add_argument_group("models")
     devices = ["cpu"]
-    device_help = "cpu only: this machine has no CUDA device"
     precisions = ["fp32", "bf16"]
-    precision_help = "of all but the influence passes (default: fp32; tf32 needs CUDA)"
-    if gpus:
+    if gpus:  # CUDA and TF32 where there is a GPU
         devices += ["cuda"] + [f"cuda:{i}" for i in range(gpus)]
-        device_help = "default: cuda"
         precisions += ["tf32"]
-        precision_help = "of all but the influence passes (default: tf32 on CUDA, fp32 on CPU)"
     models.add_argument("--teacher", default="bert-base-uncased", help="Hub name or local folder")
     models.add_argument("--student", default="google/bert_uncased_L-6_H-768_A-12",
                         help="Hub name or local folder")
     models.add_argument("--student-layers", type=COUNT, help="keep the student's first N layers")
-    models.add_argument("--device", choices=devices, help=device_help)
-    models.add_argument("--precision", choices=precisions, help=precision_help)
+    models.add_argument("--device", choices=devices, default="cuda" if gpus else "cpu",
+                        help="where the models run")
+    models.add_argument("--precision", choices=precisions, help="of all but the influence passes "
+                        "(default: tf32 on CUDA, fp32 on CPU; tf32 needs CUDA)")
     models.add_argument("--compile", action="store_true", help="torch.compile both models")
 
 
@@ -1673,7 +1540,7 @@ def add_method_flags(group):
         if isinstance(allowed, tuple):
             group.add_argument(flag, choices=allowed, help=meaning + ")")
         else:
-            group.add_argument(flag, type=functools.partial(option_value, field.name),
+            group.add_argument(flag, type=functools.partial(option_value, field.name, allowed),
                                help=meaning + ")")
     group.add_argument("--student-lr", type=POSITIVE, default=5e-5,
                        help="the student's learning rate")
@@ -1722,7 +1589,7 @@ def check_flags(parser, args):
     if args.gradient_accumulation_steps > args.batch_size // processes:
         parser.error(f"argument --gradient-accumulation-steps: {args.gradient_accumulation_steps} "
                      f"micro-batches need as many examples of each batch per process")
-    if "LOCAL_RANK" in os.environ and args.device and args.device.startswith("cuda:"):
+    if "LOCAL_RANK" in os.environ and args.device.startswith("cuda:"):
         parser.error("argument --device: under torchrun each process takes the GPU of its "
                      "LOCAL_RANK: pass --device cuda")
     for field in dataclasses.fields(Options):
@@ -1767,13 +1634,12 @@ def main(argv=None):
     finally:
         for signum, handler in handlers.items():
             signal.signal(signum, handler)
-        end_processes()
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def interrupt_cause(interrupt):
-    if interrupt.args:
-        return interrupt.args[0]
-    return "Ctrl-C"
+    return str(interrupt) or "Ctrl-C"  # a KeyboardInterrupt("SIGTERM") of ours names its signal
 
 
 def report(message):
@@ -1808,8 +1674,6 @@ def run_experiment(args):
         if not distributed():
             raise
         raise stopped(run, e) from None
-    finally:
-        run.close()
     return run.metrics
 
 
@@ -1825,28 +1689,22 @@ def load(args):
     splits = read_splits(args, task)
     tokenizer = load_tokenizer(args.teacher, args.student)
     teacher, teacher_line = load_model(args.teacher, "--teacher", task.num_labels)
-    student_attention = "sdpa"
-    if args.influence == "exact":
-        student_attention = "eager"  # forward mode needs it
+    student_attention = "eager" if args.influence == "exact" else "sdpa"  # forward mode: eager
     student, student_line = load_model(args.student, "--student", task.num_labels,
                                        args.student_layers, student_attention)
-    positions = min(teacher.config.max_position_embeddings,
-                    student.config.max_position_embeddings)
+    positions = min(teacher.config.max_position_embeddings, student.config.max_position_embeddings)
     if args.max_seq_length > positions:
         raise UserError(f"--max-seq-length {args.max_seq_length}: the models have {positions} "
                         f"positions; pass --max-seq-length {positions} or less")
     data = make_data(args, task, splits, tokenizer)
-    teacher = teacher.to(args.device)
-    student = student.to(args.device)
-    state = None
-    if args.resume:
-        state = saved_state(args)
+    teacher.to(args.device)
+    student.to(args.device)
+    state = saved_state(args) if args.resume else None
     return teacher, student, data, tokenizer, (teacher_line, student_line), state
 
 
 def check_output_dir(args):
-    """--output-dir, before anything is made: writable, and holding a run only to resume or
-    overwrite it."""
+    """--output-dir, before anything is made: writable, holding a run only to resume or replace."""
     out = args.output_dir
     folder = out
     while not os.path.exists(folder):  # nor does a name too long for the file system
@@ -1874,22 +1732,23 @@ def cannot_write(out, reason):
 
 
 def saved_state(args):
-    """The state --resume continues from: unchanged (its checksum), of this version of lgtm.py,
-    of a run with the same flags."""
+    """The state --resume continues from: unchanged (checksum), this lgtm.py's, the same flags."""
     path = args.output_dir / STATE
     fallback = (f"the best student so far is in {args.output_dir / 'student'}; --overwrite "
                 f"starts the run again")
     try:
-        state = torch.load(path, map_location=args.device, weights_only=True)
+        sealed = torch.load(path, weights_only=True)
     except Exception as e:
         raise UserError(f"--resume: could not read {path} ({one_line(e)[:300]}): "
                         f"{fallback}") from None
-    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+    if not isinstance(sealed, dict) or sealed.get("format") != STATE_FORMAT:
         raise UserError(f"--resume: {path} was saved by another version of lgtm.py: resume "
                         f"with that version, or {fallback}")
-    if state.get("checksum") != checksum(state):
+    payload = sealed["state"].numpy()
+    if hashlib.sha256(payload).hexdigest() != sealed["sha256"]:
         raise UserError(f"--resume: {path} has changed since it was saved (its checksum "
                         f"differs), and is not used: {fallback}")
+    state = torch.load(io.BytesIO(payload), map_location=args.device, weights_only=True)
     differ = changed_flags(state["metrics"]["args"], vars(args))
     if differ:
         raise UserError(f"--resume: these flags differ from the stopped run's: "
@@ -1932,14 +1791,12 @@ def read_splits(args, task):
     splits["train"] = train
     splits["feedback"] = splits[task.dev_splits[0]]
     if args.feedback_split:  # the same training set for every method
-        splits["train"], splits["feedback"] = split_feedback(train, args.feedback_split,
-                                                             args.seed)
+        splits["train"], splits["feedback"] = split_feedback(train, args.feedback_split, args.seed)
     return splits
 
 
 def make_data(args, task, splits, tokenizer):
-    """The loaders of a run, and the probe set: --probe-samples random training examples and the
-    first feedback batch, on the device."""
+    """The loaders of a run, and the probe set: its examples and the first feedback batch."""
     def loader(name, batch_size, shuffle=False):
         seed = args.seed + (name == "feedback")
         drop_last = shuffle and too_few_to_share(len(splits[name]) % batch_size)
@@ -1958,14 +1815,13 @@ def make_data(args, task, splits, tokenizer):
     probe_set = None
     if args.probe_samples:
         generator = torch.Generator().manual_seed(args.seed)
-        order = torch.randperm(len(splits["train"]), generator=generator)
-        rows = order[:args.probe_samples].sort().values.tolist()
-        splits["probe"] = splits["train"].select(rows)
-        splits["first feedback"] = splits["feedback"].select(
-            range(min(args.batch_size, len(splits["feedback"]))))
-        probe_set = (to_device(next(iter(loader("probe", args.probe_samples))), args.device),
-                     to_device(next(iter(loader("first feedback", args.batch_size))),
-                               args.device))
+        rows = torch.randperm(len(splits["train"]), generator=generator)[:args.probe_samples]
+        splits["probe"] = splits["train"].select(rows.sort().values.tolist())
+        first_rows = range(min(args.batch_size, len(splits["feedback"])))
+        splits["first feedback"] = splits["feedback"].select(first_rows)
+        probe_batch = next(iter(loader("probe", args.probe_samples)))
+        feedback_batch = next(iter(loader("first feedback", args.batch_size)))
+        probe_set = (to_device(probe_batch, args.device), to_device(feedback_batch, args.device))
     train = loader("train", args.batch_size, shuffle=True)
     return RunData(task, args.device, train, feedback, dev, test, probe_set,
                    len(splits["train"]), len(splits["feedback"]))
@@ -2005,9 +1861,7 @@ def set_old_run_aside(out, held):
 
 def describe_run(run, args, data, model_lines):
     """The run's first lines: task, models, processes, where the feedback comes from."""
-    compiled = ""
-    if args.compile:
-        compiled = ", compiled"
+    compiled = ", compiled" if args.compile else ""
     run.metrics["probe_rows"] = None
     if data.probe is not None:
         run.metrics["probe_rows"] = data.probe[0]["idx"].tolist()
@@ -2045,7 +1899,7 @@ def write_predictions(data, run):
         return
     task = data.task
     best, _ = load_model(str(run.dir / "student"), "--student", task.num_labels)
-    best = best.to(data.device)
+    best.to(data.device)
     folder = run.dir / "predictions"
     folder.mkdir(exist_ok=True)
     for split, (loader, ids) in data.test.items():
