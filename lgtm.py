@@ -22,7 +22,6 @@ import csv
 import dataclasses
 import functools
 import hashlib
-import io
 import itertools
 import json
 import math
@@ -55,7 +54,7 @@ def option(default, methods, allowed, meaning):
 
 @dataclasses.dataclass(frozen=True)
 class Options:
-    """What the steps can be told, each field checked when the Options are made; each a flag."""
+    """What the steps can be told, each field checked when made; the command line's flags."""
 
     alpha: float = option(0.6, ("online", "lgtm"), "in [0, 1]",
                           "the teacher's label weight in L_aux (eq. 3, 11)")
@@ -162,7 +161,8 @@ def term_labels(batch):
     terms = loss_terms(batch)
     if terms is None:
         return batch["labels"]
-    return batch["labels"][terms[0], terms[1] + 1]
+    rows, positions = terms
+    return batch["labels"][rows, positions + 1]  # the token each position predicts
 
 
 def per_sample(values, batch):
@@ -228,8 +228,9 @@ def global_mean(tensors, count):
 
 
 def batch_gradient(mean_loss, batches, params, retain_graph=False):
-    """(The gradient over params, the value) of a batch's mean loss over its loss terms, a
-    micro-batch at a time, each weighted by its share of the terms (under torchrun, of all)."""
+    """(The gradient over params, the value) of a batch's mean loss over its loss terms (as
+    model(**batch).loss takes it), a micro-batch at a time, each weighted by its share of the
+    terms (under torchrun, every process's). Every micro-batch loop goes through here."""
     counts = [len(term_labels(batch)) for batch in batches]
     grads = [torch.zeros_like(p) for p in params]
     total = params[0].new_zeros(())
@@ -262,9 +263,8 @@ def lookahead_lr(optimizer, lookahead):
 
 @torch.no_grad()
 def look_ahead(params, grads, optimizer, lr, lookahead):
-    """θs' after one student step (line 4), as new tensors: θs - ηs g (Algorithm 1), which makes
-    the teacher's term the exact meta-gradient; or where the optimizer's next AdamW step would
-    land ("adamw": the term keeps its SGD form, a heuristic, as in the authors' code)."""
+    """θs' after one student step (line 4), new tensors: θs - ηs g (Algorithm 1: the term is then
+    the exact meta-gradient), or AdamW's next step ("adamw": a heuristic, as the authors' code)."""
     if lookahead == "sgd":
         return {name: p - lr * g for (name, p), g in zip(params.items(), grads)}
     group_of = {p: group for group in optimizer.param_groups for p in group["params"]}
@@ -298,9 +298,8 @@ def feedback_gradient(student, theta, feedback_batches):
 
 @contextlib.contextmanager
 def full_precision(student):
-    """Strict fp32 for the influence passes: eq. 10's two losses agree in 3-5 digits, and TF32 or
-    bf16 would leave mostly rounding error in their difference. Refuses a student that ran in
-    bf16 all the same: its forward turns autocast on by itself (accelerate's, a decorator)."""
+    """Strict fp32 for the influence passes (eq. 10's two losses agree in 3-5 digits: TF32 or bf16
+    leave mostly rounding error in their difference); refuses a forward turning autocast on."""
     device_type = next(student.parameters()).device.type
     low = []
 
@@ -327,7 +326,8 @@ def full_precision(student):
 
 
 def frozen_in_fp32(student):
-    """fp32 copies of the student's frozen bf16 or fp16 weights (a LoRA student's base)."""
+    """fp32 copies of the student's frozen bf16 or fp16 weights (a LoRA student's base): the
+    influence passes run in fp32 throughout."""
     return {name: p.float() for name, p in student.named_parameters() if p.dtype in HALF}
 
 
@@ -401,8 +401,7 @@ class TeacherGradient(NamedTuple):
     logs: dict  # teacher_loss, feedback_loss, w (one a row of this process), influence_aux_ratio
     student_grads: list  # ∇θs L_s at θs, the look-ahead's gradient (meta's student step)
     student_loss: torch.Tensor  # L_s at θs
-    student_logits: torch.Tensor | None  # the look-ahead's (lines 3-4), with their graph, if
-    # the batch came whole: line 9 reuses them
+    student_logits: torch.Tensor | None  # line 9 reuses the look-ahead's, of a whole batch
 
 
 def distillation(teacher, student, batch, opts, student_logits=None):
@@ -477,9 +476,9 @@ def teacher_gradient(teacher, student, student_optimizer, batch, feedback_batch,
 
 
 def student_gradient(teacher, student, batch, opts=Options(), student_logits=None):
-    """Line 9 of Algorithm 1, and the student's update in kd and online (eq. 1-2, 4): its .grad
-    = ∇θs L_s against the teacher's targets taken now, without dropout; steps nothing, returns
-    L_s. student_logits (a whole batch's, with their graph) save its forward with dropout."""
+    """Line 9 of Algorithm 1, and kd's and online's student update (eq. 1-2, 4): .grad = ∇θs L_s
+    against the teacher's targets taken now, without dropout; returns L_s, steps nothing. Given
+    student_logits (a whole batch's, with their graph), the student's forward is not run again."""
     batches = micro_batches(batch, "batch")
     check_models(teacher, student)
     if student_logits is not None and len(batches) > 1:
@@ -509,7 +508,8 @@ def lgtm_step(teacher, student, teacher_optimizer, student_optimizer, batch, fee
     causal LM's (batch, length, vocabulary) for labels (batch, length) as transformers' collators
     make them (unshifted, IGNORE where no loss is taken). The student trains fp32 weights (bf16
     autocast around the step is fine). Steps no scheduler and keeps the models' modes; .grad
-    holds what each optimizer stepped with."""
+    holds what each optimizer stepped with. With influence 'fd' a step costs 8 teacher and 10
+    student forward passes (a backward counts two); 8 and 12 in micro-batches."""
     check_optimizers(teacher_optimizer, student_optimizer)
     update = teacher_gradient(teacher, student, student_optimizer, batch, feedback_batch, opts)
     step_teacher(teacher, teacher_optimizer, opts)
@@ -595,8 +595,8 @@ def check_plain_adamw(optimizer):
     if type(optimizer) is not torch.optim.AdamW or any(extras):
         raise ValueError(f"lookahead 'adamw' simulates torch.optim.AdamW without amsgrad or "
                          f"maximize, from its state; this {type(optimizer).__name__} is not one: "
-                         f"pass that AdamW (a wrapper's own: with Trainer, "
-                         f"trainer.optimizer.optimizer), or use lookahead 'sgd'")
+                         f"pass a torch.optim.AdamW (behind a wrapper, its .optimizer: with "
+                         f"Trainer, trainer.optimizer.optimizer), or use lookahead 'sgd'")
 
 
 # == 2. The paper's comparison methods (its figure 1), with lgtm_step's signature ============
@@ -611,7 +611,8 @@ def kd_step(teacher, student, teacher_optimizer, student_optimizer, batch, feedb
 
 
 def online_teacher_gradient(teacher, student, batch, opts=Options()):
-    """Online's teacher (eq. 3): .grad = ∇θt L_aux; returns L_aux, and S's logits if whole."""
+    """Online distillation's teacher (eq. 3): its .grad set to ∇θt L_aux against the student's
+    logits with dropout. Returns L_aux, and those logits if the batch came whole."""
     batches = micro_batches(batch, "batch")
     check_models(teacher, student)
     whole = len(batches) == 1
@@ -653,7 +654,8 @@ def meta_gradients(teacher, student, student_optimizer, batch, feedback_batch, o
 
 def meta_step(teacher, student, teacher_optimizer, student_optimizer, batch, feedback_batch,
               opts=Options()):
-    """MetaDistil (eq. 6-7): the teacher learns the influence term, the student its look-ahead."""
+    """Meta distillation (MetaDistil, eq. 6-7): the fine-tuned teacher learns the influence term
+    alone; the student takes the look-ahead's step."""
     check_optimizers(teacher_optimizer, student_optimizer)
     logs = meta_gradients(teacher, student, student_optimizer, batch, feedback_batch, opts)
     step_teacher(teacher, teacher_optimizer, opts)
@@ -938,9 +940,9 @@ def compute_metrics(task, logits, labels):
         return {"pearson": pearson(scores, labels),
                 "spearman": pearson(average_ranks(scores), average_ranks(labels))}
     predicted = logits.argmax(-1).numpy()
-    metrics = {"accuracy": accuracy_score, "matthews": matthews_corrcoef,
+    scorers = {"accuracy": accuracy_score, "matthews": matthews_corrcoef,
                "f1": functools.partial(f1_score, zero_division=0.0)}
-    return {name: float(metrics[name](labels, predicted)) for name in task.metrics}
+    return {name: float(scorers[name](labels, predicted)) for name in task.metrics}
 
 
 def pearson(a, b):
@@ -1056,7 +1058,7 @@ class RunData:
 
 
 STATE = "state.pt"
-STATE_FORMAT = 3  # of what save_state writes; a state.pt of another format is refused by name
+STATE_FORMAT = 2  # of what save_state writes; a state.pt of another format is refused by name
 RUN_FILES = ("metrics.json", "train_log.jsonl", "student", "teacher", "teacher_finetuned",
              "predictions", STATE)
 PREVIOUS = "previous-run"  # where --overwrite keeps the old run until the new one saves a state
@@ -1185,7 +1187,8 @@ def stop_on_sigterm(signum, frame):
 
 @contextlib.contextmanager
 def stops_after_a_step():
-    """A training loop that a SIGTERM stops after its step (after the last step: as it ends)."""
+    """A training loop, a SIGTERM stopping it after a step; one that came after the last step
+    stops the run as the loop ends (its state saved then)."""
     IN_LOOP.append(True)
     try:
         yield
@@ -1197,7 +1200,7 @@ def stops_after_a_step():
 
 def end_step(run, stage, step, parts, saving):
     """After a step: the state saved if saving, or if any process had a SIGTERM (it then stops)."""
-    stopping = torch.tensor([len(TERMINATED)])
+    stopping = torch.tensor([len(TERMINATED)])  # on the CPU, over gloo: no GPU is waited for
     if distributed():
         dist.all_reduce(stopping, op=dist.ReduceOp.MAX)
     if saving or stopping:
@@ -1208,8 +1211,8 @@ def end_step(run, stage, step, parts, saving):
 
 def save_state(run, stage, step, parts):
     """What --resume continues from: parts (name -> anything with a state_dict), every process's
-    random state and the run's record, sealed by their sha256. The first state of a run that
-    replaced another (--overwrite) removes that one."""
+    random state, the run's record and a checksum. The first state of a run that replaced
+    another (--overwrite) removes that one."""
     randomness = [torch.get_rng_state()]
     if torch.cuda.is_available():
         randomness.append(torch.cuda.get_rng_state())
@@ -1221,16 +1224,32 @@ def save_state(run, stage, step, parts):
         return
     state = {name: part.state_dict() for name, part in parts.items()}
     record = json.loads(json.dumps(run.metrics, default=str))
-    state.update(stage=stage, step=step, random=every_process, processes=world_size(),
-                 metrics=record, ratios=run.ratios)
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    payload = torch.frombuffer(buffer.getbuffer(), dtype=torch.uint8)  # the bytes, as a tensor
-    sealed = {"format": STATE_FORMAT, "sha256": hashlib.sha256(payload.numpy()).hexdigest(),
-              "state": payload}
-    write_whole(run.dir / STATE, functools.partial(torch.save, sealed))
+    state.update(format=STATE_FORMAT, stage=stage, step=step, random=every_process,
+                 processes=world_size(), metrics=record, ratios=run.ratios)
+    state["checksum"] = checksum(state)
+    write_whole(run.dir / STATE, functools.partial(torch.save, state))
     run.save()
     shutil.rmtree(run.dir / PREVIOUS, ignore_errors=True)
+
+
+def checksum(state):
+    """A sha256 of a state, tensors byte for byte: a state.pt changed on disk is seen."""
+    digest = hashlib.sha256()
+    values = [state]
+    while values:
+        value = values.pop()
+        if isinstance(value, torch.Tensor):
+            digest.update(f"{value.dtype}{tuple(value.shape)}".encode())
+            digest.update(value.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy())
+        elif isinstance(value, Mapping):
+            keys = [key for key in value if key != "checksum"]
+            digest.update(repr(keys).encode())
+            values += [value[key] for key in keys]
+        elif isinstance(value, (list, tuple)):
+            values += list(value)
+        else:
+            digest.update(repr(value).encode())
+    return digest.hexdigest()
 
 
 def restore(state, parts):
@@ -1334,8 +1353,9 @@ def train_loop(teacher, student, data, args, opts, run, state=None):
                 pending.append((step, *take_step(parts, args, opts)))
                 evaluating = step % eval_steps == 0 or step == total
                 if step % args.logging_steps == 0 or evaluating:
-                    records = run.log(pending)
-                    pending = []
+                    finished = pending
+                    pending = []  # emptied first: the finally below must not log them again
+                    records = run.log(finished)
                     progress.set_postfix(student_loss=f"{records[-1]['student_loss']:.4f}")
                 seconds += time.perf_counter() - started
                 if evaluating:
@@ -1732,23 +1752,21 @@ def cannot_write(out, reason):
 
 
 def saved_state(args):
-    """The state --resume continues from: unchanged (checksum), this lgtm.py's, the same flags."""
+    """The state --resume continues from: unchanged (checksum), this version's, the same flags."""
     path = args.output_dir / STATE
     fallback = (f"the best student so far is in {args.output_dir / 'student'}; --overwrite "
                 f"starts the run again")
     try:
-        sealed = torch.load(path, weights_only=True)
+        state = torch.load(path, map_location=args.device, weights_only=True)
     except Exception as e:
         raise UserError(f"--resume: could not read {path} ({one_line(e)[:300]}): "
                         f"{fallback}") from None
-    if not isinstance(sealed, dict) or sealed.get("format") != STATE_FORMAT:
+    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
         raise UserError(f"--resume: {path} was saved by another version of lgtm.py: resume "
                         f"with that version, or {fallback}")
-    payload = sealed["state"].numpy()
-    if hashlib.sha256(payload).hexdigest() != sealed["sha256"]:
+    if state.get("checksum") != checksum(state):
         raise UserError(f"--resume: {path} has changed since it was saved (its checksum "
                         f"differs), and is not used: {fallback}")
-    state = torch.load(io.BytesIO(payload), map_location=args.device, weights_only=True)
     differ = changed_flags(state["metrics"]["args"], vars(args))
     if differ:
         raise UserError(f"--resume: these flags differ from the stopped run's: "
