@@ -8,13 +8,10 @@ L_aux - ηs (1 - αs) mean(w) (eq. 11 with its sign corrected). w comes from two
 forward passes by finite differences (eq. 10), or exactly from one forward-mode pass. The models
 are classifiers, or causal language models whose samples are sequences of labelled tokens.
 
-    1. LGTM: Algorithm 1 (lines 2-8: teacher_gradient, 9: student_gradient); torch alone.
-    2. The paper's comparison methods: vanilla KD, online distillation, meta distillation.
-    3. GLUE data: from the Hub, or local TSV or parquet files.
-    4. Models: Hub names or local folders.
-    5. Evaluation and metrics.
-    6. Processes (torchrun) and the run: its folder, its saved state (--resume), stage 1, stage 2.
-    7. The command line: main() reads as the steps of a run.
+Sections: 1. LGTM, Algorithm 1 (lines 2-8: teacher_gradient; 9: student_gradient), torch alone;
+2. the paper's comparison methods (vanilla KD, online and meta distillation); 3. GLUE data; 4. the
+models; 5. evaluation; 6. processes (torchrun) and the run: its folder, saved state, stages 1 and 2;
+7. the command line, whose main() reads as the steps of a run.
 """
 import argparse
 import contextlib
@@ -233,15 +230,15 @@ def batch_gradient(mean_loss, batches, params, retain_graph=False):
     terms (under torchrun, every process's). Every micro-batch loop goes through here."""
     counts = [len(term_labels(batch)) for batch in batches]
     grads = [torch.zeros_like(p) for p in params]
-    total = params[0].new_zeros(())
+    value = params[0].new_zeros(())
     for batch, count in zip(batches, counts):
         loss = mean_loss(batch) * (count / sum(counts))
         parts = torch.autograd.grad(loss, params, retain_graph=retain_graph, materialize_grads=True)
         for grad, part in zip(grads, parts):
             grad += part
-        total = total + loss.detach()
-    *grads, total = global_mean(grads + [total], sum(counts))
-    return grads, total
+        value = value + loss.detach()
+    *grads, value = global_mean(grads + [value], sum(counts))
+    return grads, value
 
 
 def set_grad(params, grads):
@@ -268,15 +265,15 @@ def look_ahead(params, grads, optimizer, lr, lookahead):
     if lookahead == "sgd":
         return {name: p - lr * g for (name, p), g in zip(params.items(), grads)}
     group_of = {p: group for group in optimizer.param_groups for p in group["params"]}
-    no_state = {"step": 0.0, "exp_avg": 0.0, "exp_avg_sq": 0.0}  # before the optimizer's first step
+    no_moments = {"step": 0.0, "exp_avg": 0.0, "exp_avg_sq": 0.0}  # before the first step
     theta = {}
     for (name, p), g in zip(params.items(), grads):
         group = group_of[p]
         beta1, beta2 = group["betas"]
-        state = optimizer.state.get(p) or no_state
-        step = torch.as_tensor(state["step"], dtype=torch.float64) + 1  # no wait for the device
-        exp_avg = state["exp_avg"] * beta1 + g * (1 - beta1)
-        exp_avg_sq = state["exp_avg_sq"] * beta2 + g * g * (1 - beta2)
+        moments = optimizer.state.get(p) or no_moments
+        step = torch.as_tensor(moments["step"], dtype=torch.float64) + 1  # no wait for the device
+        exp_avg = moments["exp_avg"] * beta1 + g * (1 - beta1)
+        exp_avg_sq = moments["exp_avg_sq"] * beta2 + g * g * (1 - beta2)
         denom = exp_avg_sq.sqrt() / (1 - beta2 ** step) ** 0.5 + group["eps"]
         decayed = p * (1 - lr * group["weight_decay"])
         theta[name] = decayed - lr / (1 - beta1 ** step) * exp_avg / denom
@@ -427,24 +424,24 @@ def teacher_gradient(teacher, student, student_optimizer, batch, feedback_batch,
     check_models(teacher, student)
     check_student(student)
     lr = lookahead_lr(student_optimizer, opts.lookahead)
-    keep = aux and len(batches) == 1  # the batch came whole: keep the look-ahead's logits
-    kept = []
+    keep_logits = aux and len(batches) == 1  # the batch came whole: keep the look-ahead's
+    lookahead_logits = []
 
     def lookahead_loss(batch):
         loss, logits = distillation(teacher, student, batch, opts)
-        if keep:
-            kept.append(logits)
+        if keep_logits:
+            lookahead_logits.append(logits)
         return loss
 
     def student_targets(batch):  # L_aux's: the look-ahead's logits, or a micro-batch's anew
-        if keep:
-            return kept[0]
+        if keep_logits:
+            return lookahead_logits[0]
         with torch.no_grad():
             return forward(student, batch, dropout=True)
 
     # Lines 3-4: θs' = θs - ηs ∇θs L_s (eq. 2), new tensors; the student is not touched.
     params = trainable(student)
-    grads, loss = batch_gradient(lookahead_loss, batches, list(params.values()), keep)
+    grads, loss = batch_gradient(lookahead_loss, batches, list(params.values()), keep_logits)
     theta = look_ahead(params, grads, student_optimizer, lr, opts.lookahead)
     # Line 6: v = ∇θs L_val(θs'; z^e), the direction of θs± = θs ± eps v.
     v, feedback_loss = feedback_gradient(student, theta, feedback_batches)
@@ -472,7 +469,7 @@ def teacher_gradient(teacher, student, student_optimizer, batch, feedback_batch,
         logs["teacher_loss"] = aux_value + objective
         gradient = [a + b for a, b in zip(aux_grads, gradient)]
     set_grad(teacher_params, gradient)
-    return TeacherGradient(logs, grads, loss, kept[0] if keep else None)
+    return TeacherGradient(logs, grads, loss, lookahead_logits[0] if keep_logits else None)
 
 
 def student_gradient(teacher, student, batch, opts=Options(), student_logits=None):
@@ -616,20 +613,20 @@ def online_teacher_gradient(teacher, student, batch, opts=Options()):
     batches = micro_batches(batch, "batch")
     check_models(teacher, student)
     whole = len(batches) == 1
-    kept = []  # the whole batch's student logits, with their graph, for student_gradient
+    whole_logits = []  # the whole batch's student logits, with their graph, for student_gradient
 
     def aux_loss(batch):
         logits = forward(teacher, batch, dropout=True)
         with torch.set_grad_enabled(whole):  # micro-batches: values only, as L_aux needs
             targets = forward(student, batch, dropout=True)
         if whole:
-            kept.append(targets)
+            whole_logits.append(targets)
         return teacher_aux_loss(logits, targets, term_labels(batch), opts)
 
     params = list(trainable(teacher).values())
     grads, loss = batch_gradient(aux_loss, batches, params)
     set_grad(params, grads)
-    return loss, (kept[0] if whole else None)
+    return loss, (whole_logits[0] if whole else None)
 
 
 def online_step(teacher, student, teacher_optimizer, student_optimizer, batch,
@@ -723,7 +720,7 @@ def read_split(task, data_dir, split):
     folder = data_dir / task.glue_dir
     if (folder / "train.tsv").is_file():
         return read_tsv(task, folder / (split.replace("validation", "dev") + ".tsv"), split)
-    files = sorted(str(path) for path in (data_dir / task.name).glob(f"{split}-*.parquet"))
+    files = sorted(map(str, (data_dir / task.name).glob(f"{split}-*.parquet")))
     if not files:
         raise missing_file(task, folder / "train.tsv")
     ds = load_dataset(files[0], "parquet", data_files=files, split="train")
@@ -829,7 +826,7 @@ class Batches:
 
     def __init__(self, loader):
         self.loader = loader
-        self.place = {"epoch": None, "taken": 0}
+        self.place = {"shuffle": None, "taken": 0}
         self.batches = iter(())
 
     def __iter__(self):
@@ -838,7 +835,7 @@ class Batches:
     def __next__(self):
         batch = next(self.batches, None)
         if batch is None:  # the first epoch, or the last one ended
-            self.load_state_dict({"epoch": self.loader.generator.get_state(), "taken": 0})
+            self.load_state_dict({"shuffle": self.loader.generator.get_state(), "taken": 0})
             batch = next(self.batches)
         self.place["taken"] += 1
         return batch
@@ -848,8 +845,8 @@ class Batches:
 
     def load_state_dict(self, place):
         self.place = dict(place)
-        if place["epoch"] is not None:  # the epoch again, less the batches taken
-            self.loader.generator.set_state(place["epoch"].cpu())  # resumed: maybe on the GPU
+        if place["shuffle"] is not None:  # the epoch again, less the batches taken
+            self.loader.generator.set_state(place["shuffle"].cpu())  # resumed: maybe on the GPU
             self.batches = itertools.islice(self.loader, place["taken"], None)
 
 
@@ -896,9 +893,9 @@ def load_model(name, flag, num_labels, layers=None, attention="sdpa"):
                             f"labels and this task has {num_labels}: give a checkpoint without a "
                             f"head (a pre-trained model) or one fine-tuned on this task") from None
         raise could_not_load(flag, name, e) from None
-    kept = f"first {layers} of {depth}" if layers else depth
+    layers_used = f"first {layers} of {depth}" if layers else depth
     size = model.num_parameters() / 1e6
-    return model, f"{flag[2:]}: {kept} layers of {name} ({size:.1f}M parameters)"
+    return model, f"{flag[2:]}: {layers_used} layers of {name} ({size:.1f}M parameters)"
 
 
 def zero_classifier(model):
@@ -958,20 +955,19 @@ def average_ranks(x):
 def evaluate(model, dev, task, device):
     """(The dev metrics, with 'score' their mean and MNLI's mismatched ones as mm_..., the label
     that the model predicts for every example of the first dev split, or None)."""
-    out = {}
+    results = {}
     collapsed = None
     for i, (loader, labels) in enumerate(dev.values()):
         logits = predict(model, loader, device)
         metrics = compute_metrics(task, logits, labels)
-        prefix = "mm_"
+        prefix = "mm_" if i else ""
         if i == 0:
-            prefix = ""
-            out["score"] = sum(metrics.values()) / len(metrics)
+            results["score"] = sum(metrics.values()) / len(metrics)
             classes = logits.argmax(-1).unique().tolist()
             if task.labels and len(classes) == 1:
                 collapsed = task.labels[classes[0]]
-        out.update({prefix + name: value for name, value in metrics.items()})
-    return out, collapsed
+        results.update({prefix + name: value for name, value in metrics.items()})
+    return results, collapsed
 
 
 # == 6. Processes (torchrun) and the run: its folder and saved state, stage 1, stage 2 ========
@@ -997,15 +993,15 @@ def start_processes(device):
         dist.init_process_group("gloo")
 
 
-def together(step, *args):
-    """step(*args) on every process; if it fails on one, it fails on all with that message, so
-    that none waits for the others in vain. step must run no collective."""
+def together(function, *args):
+    """function(*args) on every process; if it fails on one, it fails on all with that message,
+    so that none waits for the others in vain. function must run no collective."""
     if not distributed():
-        return step(*args)
+        return function(*args)
     result = None
     failure = None
     try:
-        result = step(*args)
+        result = function(*args)
     except UserError as e:
         failure = str(e)
     failures = [None] * world_size()
@@ -1025,21 +1021,16 @@ def broadcast_weights(*models):
             dist.broadcast(tensor, 0)
 
 
-def row_parts(batch, parts):
-    """The batch's rows in at most `parts` parts of consecutive rows, none empty."""
-    pieces = torch.tensor_split(torch.arange(len(batch["labels"])), parts)
+def split_rows(batch, count):
+    """The batch's rows in at most `count` parts of consecutive rows, none empty."""
+    pieces = torch.tensor_split(torch.arange(len(batch["labels"])), count)
     return [{key: value[rows] for key, value in batch.items()} for rows in pieces if len(rows)]
 
 
 def share(batch, device, accumulation):
     """This process's rows of a batch that every process reads whole, as its micro-batches."""
-    mine = to_device(row_parts(batch, world_size())[rank()], device)
-    return row_parts(mine, accumulation)
-
-
-def too_few_to_share(rows):
-    """Whether an epoch's last batch of this many rows is left out: fewer than the processes."""
-    return 0 < rows < world_size()
+    mine = to_device(split_rows(batch, world_size())[rank()], device)
+    return split_rows(mine, accumulation)
 
 
 @dataclasses.dataclass
@@ -1058,7 +1049,7 @@ class RunData:
 
 
 STATE = "state.pt"
-STATE_FORMAT = 2  # of what save_state writes; a state.pt of another format is refused by name
+STATE_FORMAT = 3  # of what save_state writes; a state.pt of another format is refused by name
 RUN_FILES = ("metrics.json", "train_log.jsonl", "student", "teacher", "teacher_finetuned",
              "predictions", STATE)
 PREVIOUS = "previous-run"  # where --overwrite keeps the old run until the new one saves a state
@@ -1076,13 +1067,13 @@ class Run:
         self.ratios = []
         self.metrics = {"args": dict(vars(args)), "status": "running", "notes": [],
                         "warnings": [], "history": [], "best": None}
-        kept = []  # the log of the steps that a resumed run does not take again
+        logged = []  # the log of the steps that a resumed run does not take again
         if state is not None:
             self.ratios = state["ratios"]
             self.metrics = {**state["metrics"], "args": dict(vars(args)), "status": "running"}
-            kept = logged_until(self.dir / "train_log.jsonl", state)
+            logged = logged_until(self.dir / "train_log.jsonl", state)
         if self.writes:  # train_log.jsonl anew, or as it stood at the saved step
-            (self.dir / "train_log.jsonl").write_text("".join(kept))
+            (self.dir / "train_log.jsonl").write_text("".join(logged))
 
     def note(self, message, warning=False):
         """Prints a line above the progress bar and keeps it in metrics.json."""
@@ -1099,9 +1090,9 @@ class Run:
         """Writes the steps finished since the last call to train_log.jsonl, read from the
         device in one wait, and returns them; a loss that is not finite stops the run."""
         records = []
-        for step, lr, rows, out in pending:
+        for step, lr, rows, logs in pending:
             record = {"step": step, "lr_student": lr, "row": rows.tolist()}
-            record.update({key: value.tolist() for key, value in out.items()})
+            record.update({key: value.tolist() for key, value in logs.items()})
             records.append(record)
         self.ratios += [r["influence_aux_ratio"] for r in records if "influence_aux_ratio" in r]
         if self.writes and records:
@@ -1133,7 +1124,7 @@ class Run:
         self.metrics["history"].append(entry)
         best = self.metrics["best"]
         if best is None or entry["student"]["score"] > best["student"]["score"]:
-            self.metrics["best"] = {key: value for key, value in entry.items() if key != "probe"}
+            self.metrics["best"] = entry
             self.checkpoint(student, "student")
         self.save()
         self.note(f"step {entry['step']}: student {fmt(entry['student'])} | teacher "
@@ -1155,7 +1146,7 @@ def write_whole(path, write):
 
 def logged_until(path, state):
     """The lines of train_log.jsonl up to a state's step (none for stage 1), none cut short."""
-    kept = []
+    logged = []
     lines = path.read_text().splitlines(keepends=True) if path.is_file() else []
     for line in lines:
         try:
@@ -1164,8 +1155,8 @@ def logged_until(path, state):
             break
         if state["stage"] == 1 or step > state["step"] or not line.endswith("\n"):
             break
-        kept.append(line)
-    return kept
+        logged.append(line)
+    return logged
 
 
 def fmt(metrics):
@@ -1240,7 +1231,8 @@ def checksum(state):
         value = values.pop()
         if isinstance(value, torch.Tensor):
             digest.update(f"{value.dtype}{tuple(value.shape)}".encode())
-            digest.update(value.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy())
+            flat = value.detach().cpu().contiguous().view(-1)
+            digest.update(flat.view(torch.uint8).numpy())  # its bytes
         elif isinstance(value, Mapping):
             keys = [key for key in value if key != "checksum"]
             digest.update(repr(keys).encode())
@@ -1272,27 +1264,23 @@ def autocast(device, precision):
 def stage_steps(batches_per_epoch, epochs, max_steps):
     """The steps of a stage: the epochs' batches (at least one), at most max_steps."""
     steps = max(1, math.ceil(batches_per_epoch * epochs))
-    if max_steps is not None:
-        steps = min(steps, max_steps)
-    return steps
+    return min(steps, max_steps or steps)
 
 
 def run_stages(teacher, student, data, args, run, state):
     """Stage 1 where the method has one, then stage 2; from a saved state with --resume."""
-    stage_2_state = None
     if state is not None:
         run.note(f"resumed from the state saved after step {state['step']} of stage "
                  f"{state['stage']}")
-        if state["stage"] == 2:
-            stage_2_state = state
-    if args.method in ("kd", "meta") and args.teacher_epochs > 0 and stage_2_state is None:
+    in_stage_2 = state is not None and state["stage"] == 2
+    if args.method in ("kd", "meta") and args.teacher_epochs > 0 and not in_stage_2:
         finetune_teacher(teacher, data, args, run, state)
     if args.method in ("online", "lgtm"):  # both heads start at zero (appendix F.1)
         zero_classifier(teacher)
         zero_classifier(student)
     opts = Options(**{field.name: getattr(args, field.name) for field in
                       dataclasses.fields(Options)})
-    train_loop(teacher, student, data, args, opts, run, stage_2_state)
+    train_loop(teacher, student, data, args, opts, run, state if in_stage_2 else None)
 
 
 def finetune_teacher(teacher, data, args, run, state=None):
@@ -1384,12 +1372,12 @@ def take_step(parts, args, opts):
                                args.gradient_accumulation_steps)
     lr = parts["student_optimizer"].param_groups[0]["lr"]
     with autocast(args.device, args.precision):
-        out = STEPS[args.method](parts["teacher"], parts["student"], parts["teacher_optimizer"],
-                                 parts["student_optimizer"], batch, feedback_batch, opts)
+        logs = STEPS[args.method](parts["teacher"], parts["student"], parts["teacher_optimizer"],
+                                  parts["student_optimizer"], batch, feedback_batch, opts)
     parts["student_scheduler"].step()
     if args.method != "kd":  # the kd teacher is frozen
         parts["teacher_scheduler"].step()
-    return lr, torch.cat([part["idx"] for part in batch]), out
+    return lr, torch.cat([micro_batch["idx"] for micro_batch in batch]), logs
 
 
 def evaluate_both(step, teacher, student, data, opts, run, student_optimizer):
@@ -1419,8 +1407,8 @@ def probe(teacher, student, student_optimizer, batches, opts):
     found = {"w": update.logs["w"].tolist()}
     for name, model in (("teacher", teacher), ("student", student)):
         with torch.no_grad():
-            p_gold = forward(model, batch, dropout=False).softmax(-1)
-        found[f"{name}_p_gold"] = p_gold.gather(-1, batch["labels"][:, None])[:, 0].tolist()
+            probabilities = forward(model, batch, dropout=False).softmax(-1)
+        found[f"{name}_p_gold"] = probabilities[range(len(probabilities)), batch["labels"]].tolist()
     return found
 
 
@@ -1650,7 +1638,7 @@ def main(argv=None):
     except KeyboardInterrupt as e:  # while loading, before the run had written anything
         cause = interrupt_cause(e)
         report(f"error: interrupted ({cause}) before training; nothing was written")
-        sys.exit(EXIT_CODES.get(cause, 130))
+        sys.exit(EXIT_CODES[cause])
     finally:
         for signum, handler in handlers.items():
             signal.signal(signum, handler)
@@ -1672,7 +1660,7 @@ def run_experiment(args):
     """A run from its flags to its folder: all is read and loaded before the folder is made or an
     old run moves, so that a failed start (on any process) changes nothing."""
     teacher, student, data, tokenizer, model_lines, state = together(load, args)
-    if distributed():  # no collective may run inside together's steps
+    if distributed():  # no collective may run inside together's functions
         broadcast_weights(teacher, student)
         torch.manual_seed(args.seed + rank())  # each process draws its own dropout masks
     if args.compile:
@@ -1817,7 +1805,8 @@ def make_data(args, task, splits, tokenizer):
     """The loaders of a run, and the probe set: its examples and the first feedback batch."""
     def loader(name, batch_size, shuffle=False):
         seed = args.seed + (name == "feedback")
-        drop_last = shuffle and too_few_to_share(len(splits[name]) % batch_size)
+        last_batch = len(splits[name]) % batch_size
+        drop_last = shuffle and 0 < last_batch < world_size()  # left out: fewer than processes
         return make_loader(splits[name], tokenizer, args.max_seq_length, batch_size, shuffle,
                            seed, drop_last)
 
@@ -1835,10 +1824,8 @@ def make_data(args, task, splits, tokenizer):
         generator = torch.Generator().manual_seed(args.seed)
         rows = torch.randperm(len(splits["train"]), generator=generator)[:args.probe_samples]
         splits["probe"] = splits["train"].select(rows.sort().values.tolist())
-        first_rows = range(min(args.batch_size, len(splits["feedback"])))
-        splits["first feedback"] = splits["feedback"].select(first_rows)
         probe_batch = next(iter(loader("probe", args.probe_samples)))
-        feedback_batch = next(iter(loader("first feedback", args.batch_size)))
+        feedback_batch = next(iter(loader("feedback", args.batch_size)))  # its first, unshuffled
         probe_set = (to_device(probe_batch, args.device), to_device(feedback_batch, args.device))
     train = loader("train", args.batch_size, shuffle=True)
     return RunData(task, args.device, train, feedback, dev, test, probe_set,
@@ -1880,9 +1867,7 @@ def set_old_run_aside(out, held):
 def describe_run(run, args, data, model_lines):
     """The run's first lines: task, models, processes, where the feedback comes from."""
     compiled = ", compiled" if args.compile else ""
-    run.metrics["probe_rows"] = None
-    if data.probe is not None:
-        run.metrics["probe_rows"] = data.probe[0]["idx"].tolist()
+    run.metrics["probe_rows"] = data.probe[0]["idx"].tolist() if data.probe else None
     run.note(f"task {data.task.name}: {data.train_size} training examples, method {args.method}, "
              f"device {args.device}, precision {args.precision}{compiled}")
     for line in model_lines:
@@ -1902,13 +1887,10 @@ def describe_run(run, args, data, model_lines):
 def describe_processes(run, data, batch_size):
     run.note(f"data parallel: {world_size()} processes ({dist.get_backend()}), each taking its "
              f"share of every batch of {batch_size}")
-    shared = {"train": data.train_size}
-    if data.feedback is not None:  # meta and lgtm only
-        shared["feedback"] = data.feedback_size
-    for name, size in shared.items():
-        if too_few_to_share(size % batch_size):
-            run.note(f"the last {size % batch_size} {name} examples of each epoch are left out: "
-                     f"fewer than the {world_size()} processes")
+    for name, loader in (("train", data.train), ("feedback", data.feedback)):
+        if loader is not None and loader.drop_last:
+            run.note(f"the last {len(loader.dataset) % batch_size} {name} examples of each epoch "
+                     f"are left out: fewer than the {world_size()} processes")
 
 
 def write_predictions(data, run):
@@ -1946,18 +1928,18 @@ def stopped(run, error):
         status = f"stopped: another process of the job ended ({one_line(error)[:300]})"
     if isinstance(error, KeyboardInterrupt):
         status = f"interrupted ({interrupt_cause(error)})"
-        code = EXIT_CODES.get(interrupt_cause(error), 130)
+        code = EXIT_CODES[interrupt_cause(error)]
     with contextlib.suppress(OSError):
         run.save(status=status)
     best = run.metrics["best"]
-    kept = "no student was saved (no evaluation had finished)"
+    remains = "no student was saved (no evaluation had finished)"
     if best is not None:
-        kept = f"the best student so far (step {best['step']}) is in {run.dir / 'student'}"
+        remains = f"the best student so far (step {best['step']}) is in {run.dir / 'student'}"
     if (run.dir / STATE).is_file():
-        kept += f"; --resume continues from {run.dir / STATE}"
+        remains += f"; --resume continues from {run.dir / STATE}"
     if (run.dir / PREVIOUS).is_dir():
-        kept += f"; the run it replaced is in {run.dir / PREVIOUS}"
-    return UserError(f"{status}. {run.dir}/metrics.json keeps the history; {kept}", code)
+        remains += f"; the run it replaced is in {run.dir / PREVIOUS}"
+    return UserError(f"{status}. {run.dir}/metrics.json keeps the history; {remains}", code)
 
 
 if __name__ == "__main__":
