@@ -424,7 +424,7 @@ def teacher_gradient(teacher, student, student_optimizer, batch, feedback_batch,
     check_models(teacher, student)
     check_student(student)
     lr = lookahead_lr(student_optimizer, opts.lookahead)
-    keep_logits = aux and len(batches) == 1  # the batch came whole: keep the look-ahead's
+    keep_logits = aux and len(batches) == 1  # a whole batch: keep the look-ahead's logits
     lookahead_logits = []
 
     def lookahead_loss(batch):
@@ -925,7 +925,8 @@ def compile_models(*models):
 @torch.no_grad()
 def predict(model, loader, device):
     """The model's logits (fp32, on the CPU) for every batch of the loader, without dropout."""
-    return torch.cat([forward(model, to_device(b, device), dropout=False).cpu() for b in loader])
+    logits = [forward(model, to_device(batch, device), dropout=False).cpu() for batch in loader]
+    return torch.cat(logits)
 
 
 def compute_metrics(task, logits, labels):
@@ -1408,7 +1409,8 @@ def probe(teacher, student, student_optimizer, batches, opts):
     for name, model in (("teacher", teacher), ("student", student)):
         with torch.no_grad():
             probabilities = forward(model, batch, dropout=False).softmax(-1)
-        found[f"{name}_p_gold"] = probabilities[range(len(probabilities)), batch["labels"]].tolist()
+        gold = probabilities[range(len(probabilities)), batch["labels"]]
+        found[f"{name}_p_gold"] = gold.tolist()
     return found
 
 
@@ -1638,7 +1640,7 @@ def main(argv=None):
     except KeyboardInterrupt as e:  # while loading, before the run had written anything
         cause = interrupt_cause(e)
         report(f"error: interrupted ({cause}) before training; nothing was written")
-        sys.exit(EXIT_CODES[cause])
+        sys.exit(EXIT_CODES.get(cause, 130))
     finally:
         for signum, handler in handlers.items():
             signal.signal(signum, handler)
@@ -1928,7 +1930,7 @@ def stopped(run, error):
         status = f"stopped: another process of the job ended ({one_line(error)[:300]})"
     if isinstance(error, KeyboardInterrupt):
         status = f"interrupted ({interrupt_cause(error)})"
-        code = EXIT_CODES[interrupt_cause(error)]
+        code = EXIT_CODES.get(interrupt_cause(error), 130)
     with contextlib.suppress(OSError):
         run.save(status=status)
     best = run.metrics["best"]
