@@ -715,7 +715,7 @@ def read_split(task, data_dir, split):
     """A GLUE split as text_a, [text_b], label (-1 in test) and idx: Hub, TSV or parquet files."""
     if data_dir is None:
         source = f"nyu-mll/glue {task.name} {split} from the Hub (offline: --data-dir DIR)"
-        ds = load_dataset(source, "nyu-mll/glue", task.name, split=split)
+        ds = read_dataset(source, "nyu-mll/glue", task.name, split=split)
         return glue_columns(task, ds, source, task.text, "label", "idx")
     folder = data_dir / task.glue_dir
     if (folder / "train.tsv").is_file():
@@ -723,7 +723,7 @@ def read_split(task, data_dir, split):
     files = sorted(map(str, (data_dir / task.name).glob(f"{split}-*.parquet")))
     if not files:
         raise missing_file(task, folder / "train.tsv")
-    ds = load_dataset(files[0], "parquet", data_files=files, split="train")
+    ds = read_dataset(files[0], "parquet", data_files=files, split="train")
     return glue_columns(task, ds, files[0], task.text, "label", "idx")
 
 
@@ -738,10 +738,10 @@ def read_tsv(task, path, split):
         raise missing_file(task, path)
     test = split.startswith("test")
     header = test or task.name != "cola"
-    if len(path.read_bytes().strip().splitlines()) <= header:
+    if len(path.read_bytes().strip().splitlines()) <= header:  # the header alone, or nothing
         raise UserError(f"{path} has no examples: restore the complete file")
     column_names = None if header else ["src", task.tsv_label, "mark", *task.tsv_text]
-    ds = load_dataset(path, "csv", data_files=str(path), split="train", delimiter="\t",
+    ds = read_dataset(path, "csv", data_files=str(path), split="train", delimiter="\t",
                       quoting=csv.QUOTE_NONE, encoding="utf-8-sig", na_filter=False,
                       column_names=column_names)
     if test:
@@ -783,8 +783,8 @@ def one_line(error):
     return f"{type(error).__name__}: " + " ".join(str(error).split())
 
 
-def load_dataset(source, *args, **kwargs):
-    """datasets.load_dataset, its failure in one line naming the source."""
+def read_dataset(source, *args, **kwargs):
+    """datasets.load_dataset(*args, **kwargs), its failure in one line naming the source."""
     import datasets
     try:
         return datasets.load_dataset(*args, **kwargs)
@@ -865,9 +865,9 @@ def load_tokenizer(teacher, student):
             tokenizers.append(AutoTokenizer.from_pretrained(name))
         except Exception as e:
             raise could_not_load(flag, name, e) from None
-    probe = "Distillation Influence: Hello WORLD, naïve café 123!"
+    text = "Distillation Influence: Hello WORLD, naïve café 123!"
     same_vocabulary = tokenizers[0].get_vocab() == tokenizers[1].get_vocab()
-    same_ids = tokenizers[0](probe) == tokenizers[1](probe)
+    same_ids = tokenizers[0](text) == tokenizers[1](text)
     if not (same_vocabulary and same_ids) or len(tokenizers[1].get_vocab()) < 10:
         raise UserError(f"the tokenizers of --teacher {teacher} and --student {student} differ, "
                         f"or a folder holds none: distillation needs both to share one vocabulary")
@@ -1028,10 +1028,10 @@ def split_rows(batch, count):
     return [{key: value[rows] for key, value in batch.items()} for rows in pieces if len(rows)]
 
 
-def share(batch, device, accumulation):
+def share(batch, args):
     """This process's rows of a batch that every process reads whole, as its micro-batches."""
-    mine = to_device(split_rows(batch, world_size())[rank()], device)
-    return split_rows(mine, accumulation)
+    mine = to_device(split_rows(batch, world_size())[rank()], args.device)
+    return split_rows(mine, args.gradient_accumulation_steps)
 
 
 @dataclasses.dataclass
@@ -1050,7 +1050,7 @@ class RunData:
 
 
 STATE = "state.pt"
-STATE_FORMAT = 3  # of what save_state writes; a state.pt of another format is refused by name
+STATE_FORMAT = 3  # of what save_state writes; --resume refuses a state.pt of another format
 RUN_FILES = ("metrics.json", "train_log.jsonl", "student", "teacher", "teacher_finetuned",
              "predictions", STATE)
 PREVIOUS = "previous-run"  # where --overwrite keeps the old run until the new one saves a state
@@ -1179,8 +1179,7 @@ def stop_on_sigterm(signum, frame):
 
 @contextlib.contextmanager
 def stops_after_a_step():
-    """A training loop, a SIGTERM stopping it after a step; one that came after the last step
-    stops the run as the loop ends (its state saved then)."""
+    """A training loop that a SIGTERM stops after its step, or as it ends (its state saved then)."""
     IN_LOOP.append(True)
     try:
         yield
@@ -1302,7 +1301,7 @@ def finetune_teacher(teacher, data, args, run, state=None):
 
     with stops_after_a_step():
         for step in tqdm(range(first, total + 1), "stage 1: teacher", disable=rank() > 0):
-            batches = share(next(parts["train"]), args.device, args.gradient_accumulation_steps)
+            batches = share(next(parts["train"]), args)
             with autocast(args.device, args.precision):
                 grads, _ = batch_gradient(label_loss, batches, params)
             set_grad(params, grads)
@@ -1366,11 +1365,10 @@ def train_loop(teacher, student, data, args, opts, run, state=None):
 
 def take_step(parts, args, opts):
     """A step of --method on the next batches, then the schedules': (ηs, its rows, its logs)."""
-    batch = share(next(parts["train"]), args.device, args.gradient_accumulation_steps)
+    batch = share(next(parts["train"]), args)
     feedback_batch = None
     if "feedback" in parts:
-        feedback_batch = share(next(parts["feedback"]), args.device,
-                               args.gradient_accumulation_steps)
+        feedback_batch = share(next(parts["feedback"]), args)
     lr = parts["student_optimizer"].param_groups[0]["lr"]
     with autocast(args.device, args.precision):
         logs = STEPS[args.method](parts["teacher"], parts["student"], parts["teacher_optimizer"],
@@ -1717,7 +1715,7 @@ def check_output_dir(args):
     """--output-dir, before anything is made: writable, holding a run only to resume or replace."""
     out = args.output_dir
     folder = out
-    while not os.path.exists(folder):  # nor does a name too long for the file system
+    while not os.path.exists(folder):  # False also for a name too long for the file system
         folder = folder.parent
     if not folder.is_dir():
         raise cannot_write(out, f"{folder} is a file")
@@ -1806,7 +1804,7 @@ def read_splits(args, task):
 def make_data(args, task, splits, tokenizer):
     """The loaders of a run, and the probe set: its examples and the first feedback batch."""
     def loader(name, batch_size, shuffle=False):
-        seed = args.seed + (name == "feedback")
+        seed = args.seed + (name == "feedback")  # the feedback set shuffled apart from train
         last_batch = len(splits[name]) % batch_size
         drop_last = shuffle and 0 < last_batch < world_size()  # left out: fewer than processes
         return make_loader(splits[name], tokenizer, args.max_seq_length, batch_size, shuffle,
@@ -1852,8 +1850,7 @@ def start_run(args, tokenizer, state):
 
 
 def set_old_run_aside(out, held):
-    """--overwrite: the old run moves to previous-run/, unless one is there (this one then never
-    saved a state, and goes)."""
+    """--overwrite: the old run moves to previous-run/, or goes if one is there (it never saved)."""
     previous = out / PREVIOUS
     if not previous.exists():
         previous.mkdir()
