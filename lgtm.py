@@ -98,7 +98,7 @@ def ground_truth_loss(logits, labels):
 
 def distillation_loss(pred_logits, target_logits, kind="ce", temperature=1.0):
     """D(target → pred) per loss term: the soft cross-entropy against softmax(target / T), times
-    T², or the mse of the logits. Through target, the student's D(T → S) reaches the teacher."""
+    T², or the mse of the logits. Where target keeps its graph (line 7's w), D reaches θt."""
     if pred_logits.shape != target_logits.shape:
         raise ValueError(f"the models give logits of shapes {tuple(pred_logits.shape)} and "
                          f"{tuple(target_logits.shape)}: teacher and student need the same "
@@ -175,7 +175,7 @@ def per_sample(values, batch):
 def forward(model, batch, dropout, params=None):
     """The model's logits (fp32 for bf16 and fp16) at the batch's loss terms, with dropout or
     without, at its own parameters or at params (name -> tensor), each submodule's mode kept.
-    The weights are cast afresh: one autocast region would reuse those of before line 8."""
+    Under autocast the weights are cast afresh: line 8 changes the teacher's in place."""
     torch.clear_autocast_cache()
     inputs = model_inputs(batch)
     modes = [(module, module.training) for module in model.modules()]
@@ -237,7 +237,7 @@ def batch_gradient(mean_loss, batches, params, retain_graph=False):
         for grad, part in zip(grads, parts):
             grad += part
         value = value + loss.detach()
-    *grads, value = global_mean(grads + [value], sum(counts))
+    *grads, value = global_mean(grads + [value], sum(counts))  # one all-reduce for both
     return grads, value
 
 
@@ -523,8 +523,8 @@ def micro_batches(batch, name):
     labelled token left out. Under torchrun each process's share needs one (a process that
     raises leaves the others waiting, as with any error on one process)."""
     if batch is None:
-        raise ValueError(f"{name} is None: meta and lgtm need a feedback batch z^e of held-out "
-                         f"examples, a dict like the training batch")
+        raise ValueError(f"{name} is None: give a dict of tensors (input_ids, labels, ...); meta "
+                         f"and lgtm also take a feedback batch z^e of held-out examples")
     batches = [batch] if isinstance(batch, Mapping) else list(batch)
     for part in batches:
         if not isinstance(part, Mapping):
@@ -652,7 +652,7 @@ def meta_gradients(teacher, student, student_optimizer, batch, feedback_batch, o
 def meta_step(teacher, student, teacher_optimizer, student_optimizer, batch, feedback_batch,
               opts=Options()):
     """Meta distillation (MetaDistil, eq. 6-7): the fine-tuned teacher learns the influence term
-    alone; the student takes the look-ahead's step."""
+    alone; the student takes the look-ahead's step, so it steps first (the paper's F.2)."""
     check_optimizers(teacher_optimizer, student_optimizer)
     logs = meta_gradients(teacher, student, student_optimizer, batch, feedback_batch, opts)
     step_teacher(teacher, teacher_optimizer, opts)
@@ -757,15 +757,15 @@ def glue_columns(task, ds, source, text, label, idx, first_line=None):
     if missing:
         raise UserError(f"{source}: no column {missing} among {ds.column_names}: is this the "
                         f"{task.glue_dir} file of the GLUE release?")
-    rows = {"text_a": ds[text[0]]}
+    columns = {"text_a": ds[text[0]]}
     if len(text) == 2:
-        rows["text_b"] = ds[text[1]]
-    rows["label"] = ds[label] if label is not None else [-1] * len(ds)
+        columns["text_b"] = ds[text[1]]
+    columns["label"] = ds[label] if label is not None else [-1] * len(ds)
     if first_line is not None:
-        rows["label"] = [label_id(task, value, f"{source}, line {first_line + row}")
-                         for row, value in enumerate(rows["label"])]
-    rows["idx"] = ds[idx] if idx in ds.column_names else list(range(len(ds)))
-    return datasets.Dataset.from_dict(rows)
+        columns["label"] = [label_id(task, value, f"{source}, line {first_line + row}")
+                            for row, value in enumerate(columns["label"])]
+    columns["idx"] = ds[idx] if idx in ds.column_names else list(range(len(ds)))
+    return datasets.Dataset.from_dict(columns)
 
 
 def label_id(task, value, where):
@@ -910,7 +910,7 @@ def make_optimizer(model, lr, total_steps):
     from transformers import get_scheduler
     fused = model.device.type == "cuda"
     optimizer = torch.optim.AdamW(model.parameters(), lr, weight_decay=0.0, fused=fused)
-    return optimizer, get_scheduler("linear", optimizer, 0, total_steps)
+    return optimizer, get_scheduler("linear", optimizer, 0, total_steps)  # 0 warm-up steps
 
 
 def compile_models(*models):
@@ -1214,9 +1214,9 @@ def save_state(run, stage, step, parts):
     if not run.writes:
         return
     state = {name: part.state_dict() for name, part in parts.items()}
-    record = json.loads(json.dumps(run.metrics, default=str))
+    plain_metrics = json.loads(json.dumps(run.metrics, default=str))  # what weights_only loads
     state.update(format=STATE_FORMAT, stage=stage, step=step, random=every_process,
-                 processes=world_size(), metrics=record, ratios=run.ratios)
+                 processes=world_size(), metrics=plain_metrics, ratios=run.ratios)
     state["checksum"] = checksum(state)
     write_whole(run.dir / STATE, functools.partial(torch.save, state))
     run.save()
@@ -1295,7 +1295,7 @@ def finetune_teacher(teacher, data, args, run, state=None):
     first = restore(state, parts) + 1
     save_steps = args.eval_steps or len(data.train)
 
-    def label_loss(batch):
+    def finetune_loss(batch):
         logits = forward(teacher, batch, dropout=True)
         return ground_truth_loss(logits, batch["labels"]).mean()
 
@@ -1303,7 +1303,7 @@ def finetune_teacher(teacher, data, args, run, state=None):
         for step in tqdm(range(first, total + 1), "stage 1: teacher", disable=rank() > 0):
             batches = share(next(parts["train"]), args)
             with autocast(args.device, args.precision):
-                grads, _ = batch_gradient(label_loss, batches, params)
+                grads, _ = batch_gradient(finetune_loss, batches, params)
             set_grad(params, grads)
             optimizer.step()
             scheduler.step()
@@ -1333,7 +1333,7 @@ def train_loop(teacher, student, data, args, opts, run, state=None):
     eval_steps = args.eval_steps or len(data.train)
     progress = tqdm(range(first, total + 1), desc=args.method, disable=rank() > 0)
     pending = []  # the steps whose losses are still on the device
-    seconds = 0.0  # in the steps, evaluations left out
+    seconds = 0.0  # in the steps and their logging, evaluations left out
     try:
         with stops_after_a_step():
             for step in progress:
@@ -1364,7 +1364,7 @@ def train_loop(teacher, student, data, args, opts, run, state=None):
 
 
 def take_step(parts, args, opts):
-    """A step of --method on the next batches, then the schedules': (ηs, its rows, its logs)."""
+    """A step of --method on the next batches, then one of each schedule: (ηs, rows, logs)."""
     batch = share(next(parts["train"]), args)
     feedback_batch = None
     if "feedback" in parts:
@@ -1393,10 +1393,10 @@ def evaluate_both(step, teacher, student, data, opts, run, student_optimizer):
     run.record_evaluation(entry, student)
 
 
-def probe(teacher, student, student_optimizer, batches, opts):
+def probe(teacher, student, student_optimizer, probe_set, opts):
     """w_i of the probe set's fixed training examples (lines 2-7), and the probability each model
     gives their gold label (the paper's figures 3, 4); the random state and .grad untouched."""
-    batch, feedback_batch = batches
+    batch, feedback_batch = probe_set
     grads = [p.grad for p in teacher.parameters()]
     devices = [batch["labels"].device] if batch["labels"].is_cuda else []
     with torch.random.fork_rng(devices):
@@ -1627,17 +1627,17 @@ def model_name(parser, flag, name):
 def main(argv=None):
     args = parse_args(argv)
     TERMINATED.clear()
-    handlers = {signal.SIGINT: signal.getsignal(signal.SIGINT),
-                signal.SIGTERM: signal.signal(signal.SIGTERM, stop_on_sigterm)}
+    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    signal.signal(signal.SIGTERM, stop_on_sigterm)
     try:
         start_processes(args.device)
         return run_experiment(args)
     except UserError as e:
         report(f"error: {e}")
         sys.exit(e.code)
-    except KeyboardInterrupt as e:  # while loading, before the run had written anything
+    except KeyboardInterrupt as e:  # while loading or starting, before the run saved anything
         cause = interrupt_cause(e)
-        report(f"error: interrupted ({cause}) before training; nothing was written")
+        report(f"error: interrupted ({cause}) before training began")
         sys.exit(EXIT_CODES.get(cause, 130))
     finally:
         for signum, handler in handlers.items():
