@@ -1824,8 +1824,10 @@ def make_data(args, task, splits, tokenizer):
         generator = torch.Generator().manual_seed(args.seed)
         rows = torch.randperm(len(splits["train"]), generator=generator)[:args.probe_samples]
         splits["probe"] = splits["train"].select(rows.sort().values.tolist())
+        first_rows = range(min(args.batch_size, len(splits["feedback"])))
+        splits["first feedback"] = splits["feedback"].select(first_rows)  # tokenized alone
         probe_batch = next(iter(loader("probe", args.probe_samples)))
-        feedback_batch = next(iter(loader("feedback", args.batch_size)))  # its first, unshuffled
+        feedback_batch = next(iter(loader("first feedback", args.batch_size)))
         probe_set = (to_device(probe_batch, args.device), to_device(feedback_batch, args.device))
     train = loader("train", args.batch_size, shuffle=True)
     return RunData(task, args.device, train, feedback, dev, test, probe_set,
