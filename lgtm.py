@@ -986,6 +986,9 @@ def start_processes(device):
     GPU of its LOCAL_RANK, which "cuda" then names; CPU tensors over gloo."""
     if "RANK" not in os.environ:
         return
+    # Before joining: torch.distributed.nn (transformers imports it) would keep a group joined
+    # before its import past destroy_process_group, and that group's threads can abort the exit.
+    import torch.distributed.nn
     if device == "cuda":
         gpu = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(gpu)

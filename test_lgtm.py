@@ -44,7 +44,8 @@ What they prove:
 - data parallel under torchrun (2 gloo processes): every method's steps equal the one-process
   steps on the whole batch (a causal LM's too), the ranks stay bit-identical, and the same steps
   without the all-reduces do not; the command line under torchrun matches a plain run, and so
-  does a run with --gradient-accumulation-steps; flags that do not fit the processes end in one
+  does a run with --gradient-accumulation-steps; each process frees its process group as main
+  returns (no thread left to abort the exit); flags that do not fit the processes end in one
   usage error;
 - section 1 of lgtm.py, copied out of the file with the imports above it, imports only the
   standard library and torch and trains on its own; the README's Python blocks (the snippet, the
@@ -1954,6 +1955,26 @@ def test_a_torchrun_cli_run_matches_a_plain_run(model_dir, tmp_path):
         for model_name in ("student", "teacher"):
             assert b[model_name]["score"] == pytest.approx(a[model_name]["score"], abs=1e-6)
     assert parallel_metrics["status"] == "finished"
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads threads from Linux's /proc")
+def test_each_torchrun_process_frees_its_process_group_as_main_returns(model_dir, tmp_path):
+    """No gloo thread outlives main() in either process: one left running races the interpreter's
+    exit and, now and then, aborts a finished run (SIGABRT, "terminate called without an active
+    exception"). transformers imports torch.distributed.nn, whose defaults kept the group."""
+    worker = tmp_path / "worker.py"
+    worker.write_text("import sys\n"
+                      "from pathlib import Path\n"
+                      "import lgtm\n"
+                      "lgtm.main(sys.argv[1:])\n"
+                      "threads = [task / 'comm' for task in Path('/proc/self/task').iterdir()]\n"
+                      "names = [path.read_text().strip() for path in threads]\n"
+                      "print('gloo threads:', [name for name in names if 'gloo' in name])\n")
+    argv = cli(model_dir, tmp_path / "run", "--max-steps", "2", method="online")
+    done = subprocess.run(torchrun(str(worker), *argv), capture_output=True, text=True,
+                          env=quiet_environment(), timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("gloo threads: []") == 2, done.stdout[-2000:]
 
 
 def test_cli_gradient_accumulation_makes_the_same_run(model_dir, tmp_path):
