@@ -986,8 +986,9 @@ def start_processes(device):
     GPU of its LOCAL_RANK, which "cuda" then names; CPU tensors over gloo."""
     if "RANK" not in os.environ:
         return
-    # Before joining: torch.distributed.nn (transformers imports it) would keep a group joined
-    # before its import past destroy_process_group, and that group's threads can abort the exit.
+    # Imported before joining: its defaults group=group.WORLD, evaluated on import, would hold a
+    # group joined earlier past destroy_process_group (transformers imports it inside load), and
+    # the group's gloo threads could then abort the exit.
     import torch.distributed.nn
     if device == "cuda":
         gpu = torch.device("cuda", int(os.environ["LOCAL_RANK"]))

@@ -1957,24 +1957,56 @@ def test_a_torchrun_cli_run_matches_a_plain_run(model_dir, tmp_path):
     assert parallel_metrics["status"] == "finished"
 
 
+THREADS_WORKER = """import sys
+from pathlib import Path
+
+import lgtm
+
+
+def gloo_threads():
+    names = []
+    for task in Path("/proc/self/task").iterdir():
+        try:
+            names.append((task / "comm").read_text().strip())
+        except OSError:  # a thread that just ended
+            pass
+    return [name for name in names if "gloo" in name]
+
+
+def report(moment):
+    sys.stdout.write(f"gloo threads {moment}: {gloo_threads()}\\n")  # one write: stdout is shared
+
+
+def observed(args):
+    metrics = run_experiment(args)
+    report("as the run ends")  # the group still joined
+    return metrics
+
+
+run_experiment = lgtm.run_experiment
+lgtm.run_experiment = observed
+lgtm.main(sys.argv[1:])
+report("after main")
+"""
+
+
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads threads from Linux's /proc")
 def test_each_torchrun_process_frees_its_process_group_as_main_returns(model_dir, tmp_path):
-    """No gloo thread outlives main() in either process: one left running races the interpreter's
-    exit and, now and then, aborts a finished run (SIGABRT, "terminate called without an active
-    exception"). transformers imports torch.distributed.nn, whose defaults kept the group."""
+    """The group's gloo threads, there while the run runs, are gone once main() returns, in both
+    processes: one left running races the interpreter's exit and, now and then, aborts a finished
+    run (SIGABRT, "terminate called without an active exception"). transformers imports
+    torch.distributed.nn; imported after the group is joined, its defaults (group=group.WORLD)
+    would hold the group past destroy_process_group."""
     worker = tmp_path / "worker.py"
-    worker.write_text("import sys\n"
-                      "from pathlib import Path\n"
-                      "import lgtm\n"
-                      "lgtm.main(sys.argv[1:])\n"
-                      "threads = [task / 'comm' for task in Path('/proc/self/task').iterdir()]\n"
-                      "names = [path.read_text().strip() for path in threads]\n"
-                      "print('gloo threads:', [name for name in names if 'gloo' in name])\n")
+    worker.write_text(THREADS_WORKER)
     argv = cli(model_dir, tmp_path / "run", "--max-steps", "2", method="online")
     done = subprocess.run(torchrun(str(worker), *argv), capture_output=True, text=True,
                           env=quiet_environment(), timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.count("gloo threads: []") == 2, done.stdout[-2000:]
+    during = re.findall(r"gloo threads as the run ends: (.*)", done.stdout)
+    after = re.findall(r"gloo threads after main: (.*)", done.stdout)
+    assert len(during) == 2 and "[]" not in during, done.stdout[-2000:]
+    assert after == ["[]", "[]"], done.stdout[-2000:]
 
 
 def test_cli_gradient_accumulation_makes_the_same_run(model_dir, tmp_path):
