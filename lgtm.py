@@ -134,7 +134,7 @@ def teacher_aux_loss(teacher_logits, student_logits, labels, opts):
     return (opts.alpha * label_loss + (1 - opts.alpha) * distill).mean()
 
 
-MODEL_INPUTS = ("input_ids", "token_type_ids", "attention_mask")
+MODEL_INPUTS = ("input_ids", "token_type_ids", "attention_mask", "position_ids")
 IGNORE = -100  # a label that takes no loss, as in transformers: a prompt's or padding's token
 HALF = (torch.float16, torch.bfloat16)  # the 16-bit floats
 
@@ -1069,6 +1069,7 @@ class Run:
         self.dir = args.output_dir
         self.tokenizer = tokenizer
         self.writes = rank() == 0
+        self.pending = []  # the steps taken whose losses are still on the device
         self.ratios = []
         self.metrics = {"args": dict(vars(args)), "status": "running", "notes": [],
                         "warnings": [], "history": [], "best": None}
@@ -1091,11 +1092,13 @@ class Run:
         if self.writes:
             tqdm.write(message)
 
-    def log(self, pending):
-        """Writes the steps finished since the last call to train_log.jsonl, read from the
-        device in one wait, and returns them; a loss that is not finite stops the run."""
+    def log(self):
+        """Writes the pending steps to train_log.jsonl, read from the device in one wait, and
+        returns them; a loss that is not finite stops the run."""
+        finished = self.pending
+        self.pending = []  # emptied first: a stop below must not log them again
         records = []
-        for step, lr, rows, logs in pending:
+        for step, lr, rows, logs in finished:
             record = {"step": step, "lr_student": lr, "row": rows.tolist()}
             record.update({key: value.tolist() for key, value in logs.items()})
             records.append(record)
@@ -1120,17 +1123,27 @@ class Run:
             write_whole(self.dir / "metrics.json", functools.partial(Path.write_text, data=text))
 
     def checkpoint(self, model, name):
-        if self.writes:
-            model.save_pretrained(self.dir / name)
-            self.tokenizer.save_pretrained(self.dir / name)
+        """Model and tokenizer saved in name/, each file replaced whole: a save cut short (a
+        full disk) leaves the last one."""
+        if not self.writes:
+            return
+        temporary = self.dir / f"{name}.tmp"
+        try:
+            model.save_pretrained(temporary)
+            self.tokenizer.save_pretrained(temporary)
+            (self.dir / name).mkdir(exist_ok=True)
+            for path in temporary.iterdir():
+                path.replace(self.dir / name / path.name)
+        finally:
+            shutil.rmtree(temporary, ignore_errors=True)
 
     def record_evaluation(self, entry, student):
         """Keeps the evaluation in the history and the student if it is the best so far."""
         self.metrics["history"].append(entry)
         best = self.metrics["best"]
         if best is None or entry["student"]["score"] > best["student"]["score"]:
-            self.metrics["best"] = entry
             self.checkpoint(student, "student")
+            self.metrics["best"] = entry  # once the student is saved
         self.save()
         self.note(f"step {entry['step']}: student {fmt(entry['student'])} | teacher "
                   f"{fmt(entry['teacher'])}")
@@ -1206,8 +1219,10 @@ def end_step(run, stage, step, parts, saving):
 
 def save_state(run, stage, step, parts):
     """What --resume continues from: parts (name -> anything with a state_dict), every process's
-    random state, the run's record and a checksum. The first state of a run that replaced
-    another (--overwrite) removes that one."""
+    random state, the run's record and a checksum, the pending steps logged first (their
+    ratios belong to it; a loss that is not finite is never saved). The first state of a run
+    that replaced another (--overwrite) removes that one."""
+    run.log()
     randomness = [torch.get_rng_state()]
     if torch.cuda.is_available():
         randomness.append(torch.cuda.get_rng_state())
@@ -1336,25 +1351,22 @@ def train_loop(teacher, student, data, args, opts, run, state=None):
     first = restore(state, parts) + 1
     eval_steps = args.eval_steps or len(data.train)
     progress = tqdm(range(first, total + 1), desc=args.method, disable=rank() > 0)
-    pending = []  # the steps whose losses are still on the device
     seconds = 0.0  # in the steps and their logging, evaluations left out
     try:
         with stops_after_a_step():
             for step in progress:
                 started = time.perf_counter()
-                pending.append((step, *take_step(parts, args, opts)))
+                run.pending.append((step, *take_step(parts, args, opts)))
                 evaluating = step % eval_steps == 0 or step == total
                 if step % args.logging_steps == 0 or evaluating:
-                    finished = pending
-                    pending = []  # emptied first: the finally below must not log them again
-                    records = run.log(finished)
+                    records = run.log()
                     progress.set_postfix(student_loss=f"{records[-1]['student_loss']:.4f}")
                 seconds += time.perf_counter() - started
                 if evaluating:
                     evaluate_both(step, teacher, student, data, opts, run, student_optimizer)
                 end_step(run, 2, step, parts, evaluating)
     finally:
-        run.log(pending)  # the steps finished since the last read, also when stopped
+        run.log()  # the steps taken since the last read, also when stopped
         progress.close()
     run.checkpoint(teacher, "teacher")
     run.metrics["steps"] = total
@@ -1680,7 +1692,7 @@ def run_experiment(args):
         run.note(f"best student (step {best['step']}): {fmt(best['student'])}; the teacher "
                  f"then: {fmt(best['teacher'])}")
         run.save(status="finished")
-    except (UserError, OSError, KeyboardInterrupt) as e:
+    except (UserError, OSError, KeyboardInterrupt, torch.OutOfMemoryError) as e:
         raise stopped(run, e) from None
     except RuntimeError as e:  # under torchrun: a collective cut short by another process
         if not distributed():
@@ -1809,6 +1821,10 @@ def make_data(args, task, splits, tokenizer):
     """The loaders of a run, and the probe set: its examples and the first feedback batch."""
     def loader(name, batch_size, shuffle=False):
         seed = args.seed + (name == "feedback")  # the feedback set shuffled apart from train
+        if shuffle and len(splits[name]) < world_size():
+            raise UserError(f"the {name} set has {len(splits[name])} examples, fewer than the "
+                            f"{world_size()} processes, which each take a share of every batch: "
+                            f"use fewer processes or more examples")
         last_batch = len(splits[name]) % batch_size
         drop_last = shuffle and 0 < last_batch < world_size()  # left out: fewer than processes
         return make_loader(splits[name], tokenizer, args.max_seq_length, batch_size, shuffle,
@@ -1840,13 +1856,13 @@ def make_data(args, task, splits, tokenizer):
 
 def start_run(args, tokenizer, state):
     """Everything loaded, the run begins in its folder: from its state (--resume), or afresh,
-    the old run in previous-run/ until the new one saves; a stale temporary file goes."""
+    the old run in previous-run/ until the new one saves; stale temporary files go."""
     out = args.output_dir
     try:
         if rank() == 0:
             out.mkdir(parents=True, exist_ok=True)
             for stale in out.glob("*.tmp"):
-                stale.unlink()
+                remove(stale)
             held = [out / name for name in RUN_FILES if (out / name).exists()]
             if state is None and held:
                 set_old_run_aside(out, held)
@@ -1863,10 +1879,15 @@ def set_old_run_aside(out, held):
         for path in held:
             path.rename(previous / path.name)
     for path in held:
-        if path.is_dir():
-            shutil.rmtree(path)
-        else:
-            path.unlink(missing_ok=True)
+        remove(path)
+
+
+def remove(path):
+    """A file, or a folder and all it holds."""
+    if path.is_dir():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def describe_run(run, args, data, model_lines):
@@ -1921,8 +1942,8 @@ def write_predictions(data, run):
 
 
 def stopped(run, error):
-    """The one-line error of a run stopped by bad input, a full disk, an interrupt or another
-    process, once metrics.json says how it ended where it can; no further signal interrupts."""
+    """One line for a run stopped by bad input, a full disk or memory, an interrupt or another
+    process, once metrics.json says how it ended where it can; further signals are ignored."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     code = 1
@@ -1930,7 +1951,11 @@ def stopped(run, error):
     if isinstance(error, OSError):
         status = f"stopped: could not write ({one_line(error)})"
     if isinstance(error, RuntimeError):
-        status = f"stopped: another process of the job ended ({one_line(error)[:300]})"
+        status = f"stopped: this or another process of the job failed ({one_line(error)[:300]})"
+    if isinstance(error, torch.OutOfMemoryError):
+        status = (f"stopped: out of memory ({one_line(error)[:200]}): raise "
+                  f"--gradient-accumulation-steps (the same step in smaller parts) or lower "
+                  f"--eval-batch-size")
     if isinstance(error, KeyboardInterrupt):
         status = f"interrupted ({interrupt_cause(error)})"
         code = EXIT_CODES.get(interrupt_cause(error), 130)

@@ -1311,6 +1311,21 @@ def lm_batch(seed, size=4, length=9):
     return {"input_ids": ids * mask, "attention_mask": mask, "labels": labels}
 
 
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_a_packed_batch_reaches_the_model_with_its_position_ids(family):
+    """DataCollatorWithFlattening packs sequences into one row, told apart by position_ids: the
+    steps pass them on, so the loss at forward's logits is the model's own, model(**batch).loss."""
+    from transformers import DataCollatorWithFlattening
+    model = causal_lm(family, 0)
+    sequences = [{"input_ids": [5, 6, 7, 8, 9]}, {"input_ids": [10, 11, 12]},
+                 {"input_ids": [13, 14, 15, 16]}]
+    batch = DataCollatorWithFlattening(return_tensors="pt")(sequences)
+    logits = lgtm.forward(model, batch, dropout=False)
+    loss = lgtm.ground_truth_loss(logits, lgtm.term_labels(batch)).mean()
+    own = model(**batch).loss  # in float32: transformers upcasts the logits to it
+    torch.testing.assert_close(loss.float(), own, rtol=1e-6, atol=0)
+
+
 def lm_inputs(batch):
     return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
 
@@ -2058,6 +2073,17 @@ def test_bad_flags_for_torchrun_end_in_one_usage_error(model_dir, tmp_path, caps
         assert_one_clear_error(run_in_process(argv, capsys), needle)
 
 
+def test_a_split_smaller_than_the_torchrun_job_ends_in_one_error(model_dir, tmp_path, capsys,
+                                                                monkeypatch):
+    """Three training examples for four processes: one process would take no row of a batch,
+    and one line says so before the run's folder is made."""
+    monkeypatch.setattr(lgtm, "world_size", lambda: 4)
+    argv = cli(model_dir, tmp_path / "run", "--max-train-samples", "3")
+    assert_one_clear_error(run_in_process(argv, capsys),
+                           "the train set has 3 examples, fewer than the 4 processes")
+    assert not (tmp_path / "run").exists()
+
+
 # ----------------------------------------------------------------------------------------------
 # Section 1 of lgtm.py lifts out alone; the README's snippet runs as written
 # ----------------------------------------------------------------------------------------------
@@ -2150,7 +2176,7 @@ def test_the_reference_recipes_run_after_the_readme_snippet(tmp_path):
 def test_the_readme_python_blocks_run_in_order_and_print_what_it_shows(tmp_path):
     """The snippet, the halves and the Trainer recipe, pasted in order into one session in the
     repository's folder: the snippet's lines, then Trainer's log lines with the teacher's figures
-    (all but the line of the run's time)."""
+    (the last one, train_loss's, without the run's times)."""
     snippet, halves, recipe = readme_blocks("## Use it in your own trainer", "python")[:3]
     shown = readme_blocks("## Use it in your own trainer", "")
     recipe = recipe.replace('"runs/trainer"', repr(str(tmp_path / "trainer")))
@@ -2159,6 +2185,8 @@ def test_the_readme_python_blocks_run_in_order_and_print_what_it_shows(tmp_path)
     assert printed[:5] == shown[0].splitlines()
     assert printed[5:7] == shown[1].splitlines()[:2]
     assert "'influence_aux_ratio'" in printed[5]
+    times = r"'train_(runtime|samples_per_second|steps_per_second)': '[^']*', "
+    assert re.sub(times, "", printed[7]) == re.sub(times, "", shown[1].splitlines()[2])
     assert len(printed) == 8
 
 
@@ -2633,7 +2661,7 @@ def test_cli_interrupted_run_keeps_what_it_wrote_and_says_so(model_dir, tmp_path
 # A stopped run resumes: --resume continues from the last saved state to the same end
 # ----------------------------------------------------------------------------------------------
 
-RESUMABLE = ("--max-steps", "7", "--eval-steps", "3", "--logging-steps", "1")
+RESUMABLE = ("--max-steps", "7", "--eval-steps", "3", "--logging-steps", "2")
 
 
 def stop_at_share(monkeypatch, call, stop):
@@ -2661,11 +2689,14 @@ def ctrl_c():
 
 def run_folder(out):
     """What a finished run leaves that a resumed one must reproduce: the log, the history and
-    the best student, and the weights of the best student and of the final teacher."""
+    the best student, each step's influence_aux_ratio (in the last state) and their summary, and
+    the weights of the best student and of the final teacher."""
     saved = read_metrics(out)
     weights = {name: saved_parameters_of(out / name) for name in ("student", "teacher")}
+    ratios = torch.load(out / "state.pt", weights_only=True)["ratios"]
     return {"log": (out / "train_log.jsonl").read_text(), "history": saved["history"],
-            "best": saved["best"], "status": saved["status"], "weights": weights}
+            "best": saved["best"], "status": saved["status"], "weights": weights,
+            "ratios": (ratios, saved["influence_aux_ratio"])}
 
 
 def saved_parameters_of(folder):
@@ -2678,6 +2709,7 @@ def assert_same_run(a, b):
     assert a["log"] == b["log"]
     assert a["history"] == b["history"]
     assert a["best"] == b["best"]
+    assert a["ratios"] == b["ratios"]
     for name in ("student", "teacher"):
         assert a["weights"][name].keys() == b["weights"][name].keys()
         for key, tensor in a["weights"][name].items():
@@ -2740,7 +2772,7 @@ def test_resume_cuts_a_torn_log_line_and_takes_the_flags_that_change_no_number(m
     stopped_run(model_dir, out, monkeypatch, capsys)
     with open(out / "train_log.jsonl", "a") as log:
         log.write('{"step": 6, "lr_stud')
-    free = ["--eval-batch-size", "5", "--logging-steps", "2", "--teacher", f"{model_dir}/",
+    free = ["--eval-batch-size", "5", "--logging-steps", "1", "--teacher", f"{model_dir}/",
             "--epochs", "6"]  # the default, typed
     lgtm.main(with_flags(cli(model_dir, out, *RESUMABLE, "--resume"), free))
     assert_same_run(run_folder(out), run_folder(tmp_path / "whole"))
@@ -3123,6 +3155,68 @@ def test_a_full_disk_stops_the_run_in_one_line_and_leaves_no_half_file(model_dir
     assert read_metrics(out)["status"].startswith("stopped: could not write (OSError: [Errno 28]")
     assert not (out / "state.pt").exists()
     assert not list(out.glob("*.tmp"))
+
+
+def test_a_full_disk_while_a_better_student_is_saved_keeps_the_last_best_whole(model_dir,
+                                                                              tmp_path, capsys,
+                                                                              monkeypatch):
+    """Every evaluation scores higher (patched), so each saves the student: the second save
+    writes part of its weights and finds the disk full. student/ keeps the first save's weights,
+    byte for byte as save_pretrained was given them, and metrics.json and the error line name
+    its step (3), not the step whose save failed (6)."""
+    import transformers.modeling_utils
+    real_evaluate = lgtm.evaluate
+    real_save_file = transformers.modeling_utils.safe_save_file
+    scores = []
+    saved = []
+
+    def rising(*args):
+        metrics, collapsed = real_evaluate(*args)
+        scores.append(len(scores))
+        return {**metrics, "score": scores[-1]}, collapsed
+
+    def full_disk(tensors, filename, *args, **kwargs):
+        saved.append({key: tensor.clone() for key, tensor in tensors.items()})
+        if len(saved) == 2:
+            Path(filename).write_bytes(b"\0" * 100)
+            raise OSError(28, "No space left on device")
+        return real_save_file(tensors, filename, *args, **kwargs)
+
+    monkeypatch.setattr(lgtm, "evaluate", rising)
+    monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", full_disk)
+    out = tmp_path / "run"
+    assert_one_clear_error(run_in_process(cli(model_dir, out, *RESUMABLE), capsys),
+                           "the best student so far (step 3)")
+    assert read_metrics(out)["best"]["step"] == 3
+    assert read_metrics(out)["status"].startswith("stopped: could not write (OSError: [Errno 28]")
+    student = saved_parameters_of(out / "student")
+    assert student.keys() == saved[0].keys()
+    for key, tensor in saved[0].items():
+        assert torch.equal(student[key], tensor), key
+    assert not list(out.glob("*.tmp"))
+
+
+def test_a_step_out_of_memory_stops_in_one_line_naming_the_flags_that_take_less(model_dir,
+                                                                               tmp_path, capsys,
+                                                                               monkeypatch):
+    """CUDA's out-of-memory error in step 5 (raised here on the CPU): one line says so and names
+    the flags that take less memory, metrics.json says so, and step 3's state stays to resume."""
+    real_step = lgtm.STEPS["lgtm"]
+    calls = []
+
+    def out_of_memory(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 5:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setitem(lgtm.STEPS, "lgtm", out_of_memory)
+    out = tmp_path / "run"
+    assert_one_clear_error(run_in_process(cli(model_dir, out, *RESUMABLE), capsys),
+                           "stopped: out of memory (OutOfMemoryError: CUDA out of memory. Tried")
+    status = read_metrics(out)["status"]
+    assert "raise --gradient-accumulation-steps" in status and "--eval-batch-size" in status
+    assert saved_place(out) == (2, 3)
 
 
 def test_cli_stops_on_a_non_finite_loss_and_keeps_the_last_checkpoint(model_dir, tmp_path, capsys):
