@@ -1123,8 +1123,8 @@ class Run:
             write_whole(self.dir / "metrics.json", functools.partial(Path.write_text, data=text))
 
     def checkpoint(self, model, name):
-        """Model and tokenizer saved in name/, each file replaced whole: a save cut short (a
-        full disk) leaves the last one."""
+        """Model and tokenizer saved in name/, each file replaced whole, the weights last: a save
+        cut short (a full disk, a kill) leaves the last one."""
         if not self.writes:
             return
         temporary = self.dir / f"{name}.tmp"
@@ -1132,8 +1132,8 @@ class Run:
             model.save_pretrained(temporary)
             self.tokenizer.save_pretrained(temporary)
             (self.dir / name).mkdir(exist_ok=True)
-            for path in temporary.iterdir():
-                path.replace(self.dir / name / path.name)
+            for path in sorted(temporary.iterdir(), key=lambda path: path.suffix == ".safetensors"):
+                path.replace(self.dir / name / path.name)  # the weights last
         finally:
             shutil.rmtree(temporary, ignore_errors=True)
 
@@ -1219,9 +1219,9 @@ def end_step(run, stage, step, parts, saving):
 
 def save_state(run, stage, step, parts):
     """What --resume continues from: parts (name -> anything with a state_dict), every process's
-    random state, the run's record and a checksum, the pending steps logged first (their
-    ratios belong to it; a loss that is not finite is never saved). The first state of a run
-    that replaced another (--overwrite) removes that one."""
+    random state, the run's record and a checksum, stage 2's pending steps logged first (their
+    ratios belong to it; a loss that is not finite stops the run unsaved). The first state of a
+    run that replaced another (--overwrite) removes that one."""
     run.log()
     randomness = [torch.get_rng_state()]
     if torch.cuda.is_available():
@@ -1953,9 +1953,9 @@ def stopped(run, error):
     if isinstance(error, RuntimeError):
         status = f"stopped: this or another process of the job failed ({one_line(error)[:300]})"
     if isinstance(error, torch.OutOfMemoryError):
-        status = (f"stopped: out of memory ({one_line(error)[:200]}): raise "
-                  f"--gradient-accumulation-steps (the same step in smaller parts) or lower "
-                  f"--eval-batch-size")
+        status = (f"stopped: out of memory ({one_line(error)[:200]}): lower --eval-batch-size if "
+                  f"it ran out evaluating (--resume takes it), else raise "
+                  f"--gradient-accumulation-steps (the same step in parts) with --overwrite")
     if isinstance(error, KeyboardInterrupt):
         status = f"interrupted ({interrupt_cause(error)})"
         code = EXIT_CODES.get(interrupt_cause(error), 130)

@@ -3219,6 +3219,29 @@ def test_a_step_out_of_memory_stops_in_one_line_naming_the_flags_that_take_less(
     assert saved_place(out) == (2, 3)
 
 
+def test_a_sigterm_in_a_step_whose_loss_is_not_finite_saves_no_state(model_dir, tmp_path,
+                                                                     capsys, monkeypatch):
+    """Step 5's student loss is NaN (patched) and a SIGTERM comes in that step, whose losses
+    --logging-steps 2 has not read yet: the run stops naming the loss, and state.pt stays step 3's
+    (the last evaluation's), not step 5's."""
+    real_step = lgtm.STEPS["lgtm"]
+    calls = []
+
+    def nan_then_sigterm(*args, **kwargs):
+        logs = real_step(*args, **kwargs)
+        calls.append(1)
+        if len(calls) == 5:
+            logs["student_loss"] = torch.tensor(math.nan)
+            sigterm()
+        return logs
+
+    monkeypatch.setitem(lgtm.STEPS, "lgtm", nan_then_sigterm)
+    out = tmp_path / "run"
+    assert_one_clear_error(run_in_process(cli(model_dir, out, *RESUMABLE), capsys),
+                           "stopped: the student loss is nan at step 5")
+    assert saved_place(out) == (2, 3)
+
+
 def test_cli_stops_on_a_non_finite_loss_and_keeps_the_last_checkpoint(model_dir, tmp_path, capsys):
     out = tmp_path / "run"
     with pytest.raises(SystemExit):
