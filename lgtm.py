@@ -28,6 +28,7 @@ import signal
 import sys
 import time
 from collections.abc import Mapping
+from numbers import Real
 from pathlib import Path
 from typing import NamedTuple
 
@@ -38,7 +39,7 @@ from torch.func import functional_call, jvp
 
 # == 1. LGTM (Algorithm 1). The imports above and this section, copied, run in your trainer. ==
 # It needs torch 2.6 or newer and, of the imports above: contextlib, dataclasses, math, Mapping,
-# NamedTuple, torch, torch.distributed, F, functional_call and jvp.
+# NamedTuple, Real, torch, torch.distributed, F, functional_call and jvp.
 
 METHODS = ("kd", "online", "meta", "lgtm")
 
@@ -72,7 +73,7 @@ class Options:
 
     def __post_init__(self):
         numbers = [field.name for field in dataclasses.fields(self) if field.type is float]
-        valid = {name: type(getattr(self, name)) in (int, float) for name in numbers}
+        valid = {name: isinstance(getattr(self, name), Real) for name in numbers}  # NumPy's too
         if all(valid.values()):
             valid = {"alpha": 0 <= self.alpha <= 1,
                      "student_alpha": 0 <= self.student_alpha <= 1,

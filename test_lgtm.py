@@ -748,6 +748,24 @@ def test_the_teacher_steps_with_its_gradient_clipped(method):
     torch.testing.assert_close(moves[1e-3], expected, rtol=1e-6, atol=1e-12)
 
 
+def test_options_take_a_sweeps_numpy_numbers_for_the_same_step():
+    """np.float64, np.float32 and np.int64 values (np.linspace's, say) pass the checks and make
+    the step that Python's numbers make."""
+    import numpy as np
+    batch = random_batch(5)
+    feedback = random_batch(6, size=5)
+    python = lgtm.Options(alpha=0.5, temperature=2.0, fd_radius=0.01, influence_weight=3)
+    numpy = lgtm.Options(alpha=np.float64(0.5), temperature=np.float32(2.0),
+                         fd_radius=np.float64(0.01), influence_weight=np.int64(3))
+    teachers = []
+    for opts in (python, numpy):
+        teacher, student, t_opt, s_opt = make_pair()
+        lgtm.lgtm_step(teacher, student, t_opt, s_opt, batch, feedback, opts)
+        teachers.append(list(teacher.parameters()))
+    for a, b in zip(*teachers):
+        assert torch.equal(a, b)
+
+
 def test_bad_options_and_optimizers_raise_value_error_naming_them():
     bad_options = [
         (dict(fd_radius=0.0), "fd_radius=0.0"),
