@@ -1133,7 +1133,7 @@ class Run:
             model.save_pretrained(temporary)
             self.tokenizer.save_pretrained(temporary)
             (self.dir / name).mkdir(exist_ok=True)
-            for path in sorted(temporary.iterdir(), key=lambda path: path.suffix == ".safetensors"):
+            for path in sorted(temporary.iterdir(), key=lambda file: file.suffix == ".safetensors"):
                 path.replace(self.dir / name / path.name)  # the weights last
         finally:
             shutil.rmtree(temporary, ignore_errors=True)

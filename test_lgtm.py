@@ -16,8 +16,9 @@ What they prove:
 - lgtm_step's teacher gradient is L_aux's (dropout on) plus the meta-gradient of the real update
   (teacher without dropout); each step runs each teacher forward in the mode it should, leaves the
   models' modes as they were, and makes exactly the passes its docstring counts; kd, online and
-  meta against references computed by hand; bad options and optimizers raise ValueError; every
-  step under torch.compile equals the eager one;
+  meta against references computed by hand; bad options and optimizers raise ValueError, and a
+  sweep's NumPy numbers make the step Python's make; every step under torch.compile equals the
+  eager one;
 - in one's own trainer: teacher_gradient and student_gradient fill .grad with the gradients
   autograd gives and step nothing; a batch given as micro-batches makes the step of the whole
   batch (float64, 1e-10) with no pass over more rows than a micro-batch; a model of one's own that
@@ -34,8 +35,9 @@ What they prove:
   teacher's gradient is L_aux's plus the meta-gradient through the unrolled step on the mean over
   labelled tokens, line 9 reads the updated teacher, micro-batches of unequal token counts make
   the whole batch's step, encoder-decoders, two vocabularies, misfit labels and unlabelled batches
-  are refused; a LoRA teacher's adapter gradient is exact, and a LoRA student over a bf16 base
-  takes fp32 influences as accurate as over an fp32 base;
+  are refused; a packed batch's position_ids reach the model; a LoRA teacher's adapter
+  gradient is exact, and a LoRA student over a bf16 base takes fp32 influences as accurate as
+  over an fp32 base;
 - Hugging Face Trainer (lgtm_trainer.LGTMTrainer): one update of each model per global step with
   fp32 influence passes under bf16, gradient accumulation equal to lgtm_step on the whole batch
   (for causal LMs, weighted by labelled tokens), the teacher's schedule stepped as the student's,
@@ -46,7 +48,7 @@ What they prove:
   without the all-reduces do not; the command line under torchrun matches a plain run, and so
   does a run with --gradient-accumulation-steps; each process frees its process group as main
   returns (no thread left to abort the exit); flags that do not fit the processes end in one
-  usage error;
+  usage error, and a split smaller than the job in one line;
 - section 1 of lgtm.py, copied out of the file with the imports above it, imports only the
   standard library and torch and trains on its own; the README's Python blocks (the snippet, the
   halves, the Trainer recipe) run in order and print what it shows, docs/reference.md's bf16 and
@@ -57,12 +59,14 @@ What they prove:
   one `error:` line with no traceback, interrupts (Ctrl-C, SIGTERM), NaN losses and a full disk
   that keep what was written; a run stopped mid-epoch (by SIGTERM or Ctrl-C, in stage 1 or 2, on
   one process or one of two under torchrun) and resumed ends bit for bit as the run never
-  stopped; the SLURM recipe with SIGTERM at random moments to every process of a torchrun job
+  stopped, its per-step ratios included, and a SIGTERM in a step whose loss is NaN saves no
+  state; the SLURM recipe with SIGTERM at random moments to every process of a torchrun job
   (10 times) and of a plain run ends bit for bit as the job never stopped; a torn log line, a
   full disk inside torch.save, a folder turned read-only, a kill in the first save, a changed or
-  foreign state.pt each end in one line and leave a run that continues or says how; --resume
-  compares what each process was given; --overwrite keeps the old run until the new one saves a
-  state; a failed start makes no folder; a mistyped flag gets one line, from rank 0 alone;
+  foreign state.pt, a full disk while a better student is saved (the last best stays whole) and
+  a step out of GPU memory each end in one line and leave a run that continues or says how;
+  --resume compares what each process was given; --overwrite keeps the old run until the new one
+  saves a state; a failed start makes no folder; a mistyped flag gets one line, from rank 0 alone;
 - benchmark.py (and its causal-LM row); results.py, which never averages runs of different
   settings or of one seed; and tutorial.ipynb executed top to bottom with its exercises' folded
   solutions passing their checks.
