@@ -1951,12 +1951,12 @@ def stopped(run, error):
     status = str(error)  # a UserError's
     if isinstance(error, OSError):
         status = f"stopped: could not write ({one_line(error)})"
-    if isinstance(error, RuntimeError):
-        status = f"stopped: this or another process of the job failed ({one_line(error)[:300]})"
     if isinstance(error, torch.OutOfMemoryError):
         status = (f"stopped: out of memory ({one_line(error)[:200]}): lower --eval-batch-size if "
                   f"it ran out evaluating (--resume takes it), else raise "
                   f"--gradient-accumulation-steps (the same step in parts) with --overwrite")
+    elif isinstance(error, RuntimeError):
+        status = f"stopped: this or another process of the job failed ({one_line(error)[:300]})"
     if isinstance(error, KeyboardInterrupt):
         status = f"interrupted ({interrupt_cause(error)})"
         code = EXIT_CODES.get(interrupt_cause(error), 130)

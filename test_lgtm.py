@@ -3223,16 +3223,10 @@ def test_a_step_out_of_memory_stops_in_one_line_naming_the_flags_that_take_less(
                                                                                monkeypatch):
     """CUDA's out-of-memory error in step 5 (raised here on the CPU): one line says so and names
     the flags that take less memory, metrics.json says so, and step 3's state stays to resume."""
-    real_step = lgtm.STEPS["lgtm"]
-    calls = []
+    def out_of_memory():
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    def out_of_memory(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 5:
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return real_step(*args, **kwargs)
-
-    monkeypatch.setitem(lgtm.STEPS, "lgtm", out_of_memory)
+    stop_at_share(monkeypatch, 9, out_of_memory)  # step 5's batch
     out = tmp_path / "run"
     assert_one_clear_error(run_in_process(cli(model_dir, out, *RESUMABLE), capsys),
                            "stopped: out of memory (OutOfMemoryError: CUDA out of memory. Tried")
