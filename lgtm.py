@@ -18,7 +18,6 @@ import contextlib
 import csv
 import dataclasses
 import functools
-import hashlib
 import itertools
 import json
 import math
@@ -27,6 +26,7 @@ import shutil
 import signal
 import sys
 import time
+import zipfile
 from collections.abc import Mapping
 from numbers import Real
 from pathlib import Path
@@ -425,24 +425,18 @@ def teacher_gradient(teacher, student, student_optimizer, batch, feedback_batch,
     check_models(teacher, student)
     check_student(student)
     lr = lookahead_lr(student_optimizer, opts.lookahead)
-    keep_logits = aux and len(batches) == 1  # a whole batch: keep the look-ahead's logits
-    lookahead_logits = []
+    # Lines 3-4: θs' = θs - ηs ∇θs L_s (eq. 2), new tensors; the student is not touched. With
+    # aux, a whole batch's student logits (with dropout) serve the look-ahead, L_aux and line 9.
+    student_logits = None
+    if aux and len(batches) == 1:
+        student_logits = forward(student, batches[0], dropout=True)
 
     def lookahead_loss(batch):
-        loss, logits = distillation(teacher, student, batch, opts)
-        if keep_logits:
-            lookahead_logits.append(logits)
-        return loss
+        return distillation(teacher, student, batch, opts, student_logits)[0]
 
-    def student_targets(batch):  # L_aux's: the look-ahead's logits, or a micro-batch's anew
-        if keep_logits:
-            return lookahead_logits[0]
-        with torch.no_grad():
-            return forward(student, batch, dropout=True)
-
-    # Lines 3-4: θs' = θs - ηs ∇θs L_s (eq. 2), new tensors; the student is not touched.
     params = trainable(student)
-    grads, loss = batch_gradient(lookahead_loss, batches, list(params.values()), keep_logits)
+    keep_graph = student_logits is not None
+    grads, loss = batch_gradient(lookahead_loss, batches, list(params.values()), keep_graph)
     theta = look_ahead(params, grads, student_optimizer, lr, opts.lookahead)
     # Line 6: v = ∇θs L_val(θs'; z^e), the direction of θs± = θs ± eps v.
     v, feedback_loss = feedback_gradient(student, theta, feedback_batches)
@@ -462,7 +456,11 @@ def teacher_gradient(teacher, student, student_optimizer, batch, feedback_batch,
     if aux:
         def aux_loss(batch):  # L_aux: online's eq. 3, the teacher with dropout
             logits = forward(teacher, batch, dropout=True)
-            return teacher_aux_loss(logits, student_targets(batch), term_labels(batch), opts)
+            targets = student_logits
+            if targets is None:  # micro-batches: each one's student logits anew
+                with torch.no_grad():
+                    targets = forward(student, batch, dropout=True)
+            return teacher_aux_loss(logits, targets, term_labels(batch), opts)
 
         aux_grads, aux_value = batch_gradient(aux_loss, batches, teacher_params)
         norms = [torch.nn.utils.get_total_norm(g) for g in (gradient, aux_grads)]
@@ -470,7 +468,7 @@ def teacher_gradient(teacher, student, student_optimizer, batch, feedback_batch,
         logs["teacher_loss"] = aux_value + objective
         gradient = [a + b for a, b in zip(aux_grads, gradient)]
     set_grad(teacher_params, gradient)
-    return TeacherGradient(logs, grads, loss, lookahead_logits[0] if keep_logits else None)
+    return TeacherGradient(logs, grads, loss, student_logits)
 
 
 def student_gradient(teacher, student, batch, opts=Options(), student_logits=None):
@@ -1050,12 +1048,11 @@ class RunData:
     dev: dict  # split -> (loader, labels)
     test: dict  # split -> (loader, ids), for --predict
     probe: tuple | None  # (batch, feedback batch) of --probe-samples, on the device
-    train_size: int
-    feedback_size: int
+    feedback_size: int  # of the feedback set, which kd and online read nothing from
 
 
 STATE = "state.pt"
-STATE_FORMAT = 3  # of what save_state writes; --resume refuses a state.pt of another format
+STATE_FORMAT = 4  # of what save_state writes; --resume refuses a state.pt of another format
 RUN_FILES = ("metrics.json", "train_log.jsonl", "student", "teacher", "teacher_finetuned",
              "predictions", STATE)
 PREVIOUS = "previous-run"  # where --overwrite keeps the old run until the new one saves a state
@@ -1074,13 +1071,17 @@ class Run:
         self.ratios = []
         self.metrics = {"args": dict(vars(args)), "status": "running", "notes": [],
                         "warnings": [], "history": [], "best": None}
-        logged = []  # the log of the steps that a resumed run does not take again
+        self.log_file = self.dir / "train_log.jsonl"
+        logged = b""  # train_log.jsonl anew, or its whole lines up to the saved step
         if state is not None:
             self.ratios = state["ratios"]
             self.metrics = {**state["metrics"], "args": dict(vars(args)), "status": "running"}
-            logged = logged_until(self.dir / "train_log.jsonl", state)
-        if self.writes:  # train_log.jsonl anew, or as it stood at the saved step
-            (self.dir / "train_log.jsonl").write_text("".join(logged))
+            if self.log_file.is_file():
+                logged = self.log_file.read_bytes()[:state["log_size"]]
+        logged = logged[:logged.rfind(b"\n") + 1]
+        self.log_size = len(logged)
+        if self.writes:
+            self.log_file.write_bytes(logged)
 
     def note(self, message, warning=False):
         """Prints a line above the progress bar and keeps it in metrics.json."""
@@ -1105,8 +1106,10 @@ class Run:
             records.append(record)
         self.ratios += [r["influence_aux_ratio"] for r in records if "influence_aux_ratio" in r]
         if self.writes and records:
-            with open(self.dir / "train_log.jsonl", "a") as log_file:
-                log_file.writelines(json.dumps(record) + "\n" for record in records)
+            lines = "".join(json.dumps(record) + "\n" for record in records).encode()
+            with open(self.log_file, "ab") as file:
+                file.write(lines)
+            self.log_size += len(lines)
         for record in records:
             for key, value in record.items():
                 if "loss" in key and not math.isfinite(value):
@@ -1163,21 +1166,6 @@ def write_whole(path, write):
             temporary.unlink(missing_ok=True)
 
 
-def logged_until(path, state):
-    """The lines of train_log.jsonl up to a state's step (none for stage 1), none cut short."""
-    logged = []
-    lines = path.read_text().splitlines(keepends=True) if path.is_file() else []
-    for line in lines:
-        try:
-            step = json.loads(line)["step"]
-        except ValueError:  # cut short
-            break
-        if state["stage"] == 1 or step > state["step"] or not line.endswith("\n"):
-            break
-        logged.append(line)
-    return logged
-
-
 def fmt(metrics):
     return " ".join(f"{name}={value:.4f}" for name, value in metrics.items())
 
@@ -1220,9 +1208,9 @@ def end_step(run, stage, step, parts, saving):
 
 def save_state(run, stage, step, parts):
     """What --resume continues from: parts (name -> anything with a state_dict), every process's
-    random state, the run's record and a checksum, stage 2's pending steps logged first (their
-    ratios belong to it; a loss that is not finite stops the run unsaved). The first state of a
-    run that replaced another (--overwrite) removes that one."""
+    random state, the run's record and its log's length, with stage 2's pending steps logged
+    first (their ratios belong to it; a loss that is not finite stops the run unsaved). The first
+    state of a run that replaced another (--overwrite) removes that one."""
     run.log()
     randomness = [torch.get_rng_state()]
     if torch.cuda.is_available():
@@ -1236,32 +1224,11 @@ def save_state(run, stage, step, parts):
     state = {name: part.state_dict() for name, part in parts.items()}
     plain_metrics = json.loads(json.dumps(run.metrics, default=str))  # what weights_only loads
     state.update(format=STATE_FORMAT, stage=stage, step=step, random=every_process,
-                 processes=world_size(), metrics=plain_metrics, ratios=run.ratios)
-    state["checksum"] = checksum(state)
+                 processes=world_size(), metrics=plain_metrics, ratios=run.ratios,
+                 log_size=run.log_size)
     write_whole(run.dir / STATE, functools.partial(torch.save, state))
     run.save()
     shutil.rmtree(run.dir / PREVIOUS, ignore_errors=True)
-
-
-def checksum(state):
-    """A sha256 of a state, tensors byte for byte: a state.pt changed on disk is seen."""
-    digest = hashlib.sha256()
-    values = [state]
-    while values:
-        value = values.pop()
-        if isinstance(value, torch.Tensor):
-            digest.update(f"{value.dtype}{tuple(value.shape)}".encode())
-            flat = value.detach().cpu().contiguous().view(-1)
-            digest.update(flat.view(torch.uint8).numpy())  # its bytes
-        elif isinstance(value, Mapping):
-            keys = [key for key in value if key != "checksum"]
-            digest.update(repr(keys).encode())
-            values += [value[key] for key in keys]
-        elif isinstance(value, (list, tuple)):
-            values += list(value)
-        else:
-            digest.update(repr(value).encode())
-    return digest.hexdigest()
 
 
 def restore(state, parts):
@@ -1757,21 +1724,25 @@ def cannot_write(out, reason):
 
 
 def saved_state(args):
-    """The state --resume continues from: unchanged (checksum), this version's, the same flags."""
+    """The state --resume continues from: unchanged (each record's CRC-32, which torch.save
+    writes and torch.load does not check), this version's, the same flags."""
     path = args.output_dir / STATE
     fallback = (f"the best student so far is in {args.output_dir / 'student'}; --overwrite "
                 f"starts the run again")
     try:
-        state = torch.load(path, map_location=args.device, weights_only=True)
+        with zipfile.ZipFile(path) as archive:
+            changed = archive.testzip()  # the first record whose CRC-32 differs, or None
+        if changed is None:
+            state = torch.load(path, map_location=args.device, weights_only=True)
     except Exception as e:
         raise UserError(f"--resume: could not read {path} ({one_line(e)[:300]}): "
                         f"{fallback}") from None
+    if changed is not None:
+        raise UserError(f"--resume: {path} has changed since it was saved (its checksum "
+                        f"differs), and is not used: {fallback}")
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
         raise UserError(f"--resume: {path} was saved by another version of lgtm.py: resume "
                         f"with that version, or {fallback}")
-    if state.get("checksum") != checksum(state):
-        raise UserError(f"--resume: {path} has changed since it was saved (its checksum "
-                        f"differs), and is not used: {fallback}")
     differ = changed_flags(state["metrics"]["args"], vars(args))
     if differ:
         raise UserError(f"--resume: these flags differ from the stopped run's: "
@@ -1851,8 +1822,8 @@ def make_data(args, task, splits, tokenizer):
         feedback_batch = next(iter(loader("first feedback", args.batch_size)))
         probe_set = (to_device(probe_batch, args.device), to_device(feedback_batch, args.device))
     train = loader("train", args.batch_size, shuffle=True)
-    return RunData(task, args.device, train, feedback, dev, test, probe_set,
-                   len(splits["train"]), len(splits["feedback"]))
+    feedback_size = len(splits["feedback"])
+    return RunData(task, args.device, train, feedback, dev, test, probe_set, feedback_size)
 
 
 def start_run(args, tokenizer, state):
@@ -1895,12 +1866,17 @@ def describe_run(run, args, data, model_lines):
     """The run's first lines: task, models, processes, where the feedback comes from."""
     compiled = ", compiled" if args.compile else ""
     run.metrics["probe_rows"] = data.probe[0]["idx"].tolist() if data.probe else None
-    run.note(f"task {data.task.name}: {data.train_size} training examples, method {args.method}, "
-             f"device {args.device}, precision {args.precision}{compiled}")
+    run.note(f"task {data.task.name}: {len(data.train.dataset)} training examples, method "
+             f"{args.method}, device {args.device}, precision {args.precision}{compiled}")
     for line in model_lines:
         run.note(line)
     if distributed():
-        describe_processes(run, data, args.batch_size)
+        run.note(f"data parallel: {world_size()} processes ({dist.get_backend()}), each taking its "
+                 f"share of every batch of {args.batch_size}")
+    for name, loader in (("train", data.train), ("feedback", data.feedback)):
+        if loader is not None and loader.drop_last:
+            run.note(f"the last {len(loader.dataset) % args.batch_size} {name} examples of each "
+                     f"epoch are left out: fewer than the {world_size()} processes")
     uses = "are unused by " + args.method
     if data.feedback is not None:
         uses = "feed back to the teacher"
@@ -1909,15 +1885,6 @@ def describe_run(run, args, data, model_lines):
     elif data.feedback is not None:
         run.note("feedback batches z^e come from dev, as in the paper: dev is not held out")
     run.save()
-
-
-def describe_processes(run, data, batch_size):
-    run.note(f"data parallel: {world_size()} processes ({dist.get_backend()}), each taking its "
-             f"share of every batch of {batch_size}")
-    for name, loader in (("train", data.train), ("feedback", data.feedback)):
-        if loader is not None and loader.drop_last:
-            run.note(f"the last {len(loader.dataset) % batch_size} {name} examples of each epoch "
-                     f"are left out: fewer than the {world_size()} processes")
 
 
 def write_predictions(data, run):

@@ -62,11 +62,12 @@ What they prove:
   stopped, its per-step ratios included, and a SIGTERM in a step whose loss is NaN saves no
   state; the SLURM recipe with SIGTERM at random moments to every process of a torchrun job
   (10 times) and of a plain run ends bit for bit as the job never stopped; a torn log line, a
-  full disk inside torch.save, a folder turned read-only, a kill in the first save, a changed or
-  foreign state.pt, a full disk while a better student is saved (the last best stays whole) and
-  a step out of GPU memory each end in one line and leave a run that continues or says how;
-  --resume compares what each process was given; --overwrite keeps the old run until the new one
-  saves a state; a failed start makes no folder; a mistyped flag gets one line, from rank 0 alone;
+  log edited since the state (cut back to whole lines), a full disk inside torch.save, a folder
+  turned read-only, a kill in the first save, a damaged or foreign state.pt, a full disk while a
+  better student is saved (the last best stays whole) and a step out of GPU memory each end in
+  one line and leave a run that continues or says how; --resume compares what each process was
+  given; --overwrite keeps the old run until the new one saves a state; a failed start makes no
+  folder; a mistyped flag gets one line, from rank 0 alone;
 - benchmark.py (and its causal-LM row); results.py, which never averages runs of different
   settings or of one seed; and tutorial.ipynb executed top to bottom with its exercises' folded
   solutions passing their checks.
@@ -2800,6 +2801,19 @@ def test_resume_cuts_a_torn_log_line_and_takes_the_flags_that_change_no_number(m
     assert_same_run(run_folder(out), run_folder(tmp_path / "whole"))
 
 
+def test_resume_keeps_whole_lines_of_a_log_edited_since_the_state(model_dir, tmp_path, capsys,
+                                                                   monkeypatch):
+    """state.pt records how long the log was; a log edited since (its first line made longer)
+    is cut back to whole lines, and the resumed run appends whole lines of its own."""
+    out = tmp_path / "run"
+    stopped_run(model_dir, out, monkeypatch, capsys)
+    log = out / "train_log.jsonl"
+    log.write_text(log.read_text().replace('{"step": 1,', '{"step": 1, "edited": true,', 1))
+    lgtm.main(cli(model_dir, out, *RESUMABLE, "--resume"))
+    steps = [record["step"] for record in logged(out)]  # every line is whole JSON
+    assert steps == [1, 2, 3, 4, 6, 7]  # step 5's line, cut by the edit, is left out
+
+
 def test_a_full_disk_in_torch_save_stops_in_one_line_and_the_run_resumes_once_freed(
         model_dir, tmp_path, capsys, monkeypatch):
     """torch.save's zip writer fails with a RuntimeError, not an OSError: still one error line,
@@ -3035,9 +3049,18 @@ def assert_stopped_where_it_says(out, ctrl_c):
         assert saved_place(out) == (2, steps[-1])
 
 
+@pytest.fixture
+def ctrl_c_reaches_children():
+    """SIGINT as a terminal gives it. Tests started in the background of a shell (`pytest &`)
+    ignore it, and so would the runs they start, which a Ctrl-C then could not stop."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 @pytest.mark.parametrize("processes,tries", [(2, 10), (1, 3)])
 def test_a_job_preempted_at_random_moments_resumes_to_the_end_of_the_job_never_stopped(
-        processes, tries, model_dir, tmp_path):
+        processes, tries, model_dir, tmp_path, ctrl_c_reaches_children):
     """docs/reference.md's SLURM recipe, as SLURM runs it: the command, with --resume where
     state.pt exists (--overwrite where not), gets SIGTERM at a random moment, at once to every
     process of the job (torchrun's launcher passes its own on, so each worker gets two), and is
