@@ -665,11 +665,13 @@ STEPS = {"kd": kd_step, "online": online_step, "meta": meta_step, "lgtm": lgtm_s
 # == 3. GLUE data: the Hub, or a local copy in the GLUE TSV or the Hub's parquet layout =======
 
 class UserError(Exception):
-    """Bad input, or a stopped run: main() prints its one line and exits with its code."""
+    """Bad input, or a stopped run: main() prints its one line and exits with its code. Under
+    torchrun rank 0 prints it, or the process whose own failure it is (own)."""
 
-    def __init__(self, message, code=1):
+    def __init__(self, message, code=1, own=False):
         super().__init__(message)
         self.code = code
+        self.own = own
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1617,7 +1619,7 @@ def main(argv=None):
         start_processes(args.device)
         return run_experiment(args)
     except UserError as e:
-        report(f"error: {e}")
+        report(f"error: {e}", e.own)
         sys.exit(e.code)
     except KeyboardInterrupt as e:  # while loading or starting, before the run saved anything
         cause = interrupt_cause(e)
@@ -1634,9 +1636,13 @@ def interrupt_cause(interrupt):
     return str(interrupt) or "Ctrl-C"  # a KeyboardInterrupt("SIGTERM") of ours names its signal
 
 
-def report(message):
-    """An error line on stderr; under torchrun from rank 0 alone, group joined or not."""
-    if os.environ.get("RANK", "0") == "0":  # torchrun's; no group need be joined yet
+def report(message, own=False):
+    """An error line on stderr; under torchrun from rank 0 (group joined or not), or own: from
+    the process whose failure it is."""
+    rank_0 = os.environ.get("RANK", "0") == "0"  # torchrun's; no group need be joined yet
+    if own and not rank_0:  # a line of its own, after rank 0's progress bar
+        print(file=sys.stderr)
+    if own or rank_0:
         print(message, file=sys.stderr)
 
 
@@ -1918,9 +1924,11 @@ def stopped(run, error):
     status = str(error)  # a UserError's
     if isinstance(error, OSError):
         status = f"stopped: could not write ({one_line(error)})"
-    if isinstance(error, torch.OutOfMemoryError):
-        status = (f"stopped: out of memory ({one_line(error)[:200]}): lower --eval-batch-size if "
-                  f"it ran out evaluating (--resume takes it), else raise "
+    own = isinstance(error, torch.OutOfMemoryError)  # this process's alone: it says so itself
+    if own:
+        where = f" on process {rank()}" if distributed() else ""
+        status = (f"stopped: out of memory{where} ({one_line(error)[:200]}): lower "
+                  f"--eval-batch-size if it ran out evaluating (--resume takes it), else raise "
                   f"--gradient-accumulation-steps (the same step in parts) with --overwrite")
     elif isinstance(error, RuntimeError):
         status = f"stopped: this or another process of the job failed ({one_line(error)[:300]})"
@@ -1937,7 +1945,7 @@ def stopped(run, error):
         remains += f"; --resume continues from {run.dir / STATE}"
     if (run.dir / PREVIOUS).is_dir():
         remains += f"; the run it replaced is in {run.dir / PREVIOUS}"
-    return UserError(f"{status}. {run.dir}/metrics.json keeps the history; {remains}", code)
+    return UserError(f"{status}. {run.dir}/metrics.json keeps the history; {remains}", code, own)
 
 
 if __name__ == "__main__":

@@ -64,10 +64,11 @@ What they prove:
   (10 times) and of a plain run ends bit for bit as the job never stopped; a torn log line, a
   log edited since the state (cut back to whole lines), a full disk inside torch.save, a folder
   turned read-only, a kill in the first save, a damaged or foreign state.pt, a full disk while a
-  better student is saved (the last best stays whole) and a step out of GPU memory each end in
-  one line and leave a run that continues or says how; --resume compares what each process was
-  given; --overwrite keeps the old run until the new one saves a state; a failed start makes no
-  folder; a mistyped flag gets one line, from rank 0 alone;
+  better student is saved (the last best stays whole) and a step out of GPU memory (under
+  torchrun, said by the process that ran out) each end in one line and leave a run that
+  continues or says how; --resume compares what each process was given; --overwrite keeps the
+  old run until the new one saves a state; a failed start makes no folder; a mistyped flag gets
+  one line, from rank 0 alone;
 - benchmark.py (and its causal-LM row); results.py, which never averages runs of different
   settings or of one seed; and tutorial.ipynb executed top to bottom with its exercises' folded
   solutions passing their checks.
@@ -2939,10 +2940,10 @@ def test_resume_refuses_a_changed_state_or_another_versions_in_one_line(model_di
 
 
 
-def resumable_worker(argv, stop_call):
+def resumable_worker(argv, stop_call, out_of_memory=False):
     """Run by each process of a torchrun job: the command line, rank 1 alone sending itself
-    SIGTERM at its stop_call-th batch (0: never). Each process leaves its pid in the run's
-    parent folder."""
+    SIGTERM at its stop_call-th batch (0: never), or running out of memory there. Each process
+    leaves its pid in the run's parent folder."""
     out = Path(argv[argv.index("--output-dir") + 1])
     (out.parent / f"pid-{os.environ['RANK']}").write_text(str(os.getpid()))
     if int(os.environ["RANK"]) == 1 and stop_call:
@@ -2951,6 +2952,8 @@ def resumable_worker(argv, stop_call):
 
         def share(*args, **kwargs):
             calls.append(1)
+            if len(calls) == stop_call and out_of_memory:
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
             if len(calls) == stop_call:
                 os.kill(os.getpid(), signal.SIGTERM)
             return real_share(*args, **kwargs)
@@ -3151,6 +3154,30 @@ def test_a_torchrun_job_whose_other_process_is_killed_says_so_in_one_line(model_
     assert status != "running"
     assert errors[0].startswith(f"error: {status}")
     assert not list(out.glob("*.tmp"))
+
+
+def test_a_torchrun_job_out_of_memory_on_one_process_says_which_in_its_own_line(model_dir,
+                                                                                tmp_path):
+    """Rank 1 alone runs out of memory in stage 2's step 3: it says so itself, naming its
+    process and the flags that take less (rank 0 would not know why); rank 0, whose collective
+    is cut short, says what metrics.json says."""
+    worker = tmp_path / "worker.py"
+    worker.write_text("import json, sys\nimport test_lgtm\n"
+                      "test_lgtm.resumable_worker(json.loads(sys.argv[1]), 3, True)\n")
+    out = tmp_path / "run"
+    argv = cli(model_dir, out, "--max-steps", "8", "--eval-steps", "2")
+    job = subprocess.run(torchrun(str(worker), json.dumps(argv)), capture_output=True, text=True,
+                         env=quiet_environment(), timeout=600)
+    assert job.returncode != 0
+    errors = [line for line in job.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 2, job.stderr[-3000:]
+    ours = [line for line in errors if "out of memory" in line]
+    assert len(ours) == 1, job.stderr[-3000:]
+    assert ours[0].startswith("error: stopped: out of memory on process 1 (OutOfMemoryError: "
+                              "CUDA out of memory. Tried to allocate 2.00 GiB): lower "
+                              "--eval-batch-size")
+    errors.remove(ours[0])
+    assert errors[0].startswith(f"error: {read_metrics(out)['status']}")
 
 
 def test_resume_refuses_other_flags_and_a_folder_without_a_state(model_dir, tmp_path, capsys,
