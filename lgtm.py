@@ -666,12 +666,12 @@ STEPS = {"kd": kd_step, "online": online_step, "meta": meta_step, "lgtm": lgtm_s
 
 class UserError(Exception):
     """Bad input, or a stopped run: main() prints its one line and exits with its code. Under
-    torchrun rank 0 prints it, or the process whose own failure it is (own)."""
+    torchrun rank 0 alone prints it, or with any_process, every process that raises it."""
 
-    def __init__(self, message, code=1, own=False):
+    def __init__(self, message, code=1, any_process=False):
         super().__init__(message)
         self.code = code
-        self.own = own
+        self.any_process = any_process
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1074,7 +1074,7 @@ class Run:
         self.metrics = {"args": dict(vars(args)), "status": "running", "notes": [],
                         "warnings": [], "history": [], "best": None}
         self.log_file = self.dir / "train_log.jsonl"
-        logged = b""  # train_log.jsonl anew, or its whole lines up to the saved step
+        logged = b""  # train_log.jsonl anew, or its whole lines within the length saved
         if state is not None:
             self.ratios = state["ratios"]
             self.metrics = {**state["metrics"], "args": dict(vars(args)), "status": "running"}
@@ -1619,7 +1619,7 @@ def main(argv=None):
         start_processes(args.device)
         return run_experiment(args)
     except UserError as e:
-        report(f"error: {e}", e.own)
+        report(f"error: {e}", e.any_process)
         sys.exit(e.code)
     except KeyboardInterrupt as e:  # while loading or starting, before the run saved anything
         cause = interrupt_cause(e)
@@ -1636,13 +1636,13 @@ def interrupt_cause(interrupt):
     return str(interrupt) or "Ctrl-C"  # a KeyboardInterrupt("SIGTERM") of ours names its signal
 
 
-def report(message, own=False):
-    """An error line on stderr; under torchrun from rank 0 (group joined or not), or own: from
-    the process whose failure it is."""
+def report(message, any_process=False):
+    """An error line on stderr; under torchrun from rank 0 alone (group joined or not), or with
+    any_process from this process too."""
     rank_0 = os.environ.get("RANK", "0") == "0"  # torchrun's; no group need be joined yet
-    if own and not rank_0:  # a line of its own, after rank 0's progress bar
-        print(file=sys.stderr)
-    if own or rank_0:
+    if any_process and not rank_0:  # on a line of its own, after rank 0's progress bar
+        message = "\n" + message
+    if any_process or rank_0:
         print(message, file=sys.stderr)
 
 
@@ -1737,15 +1737,15 @@ def saved_state(args):
                 f"starts the run again")
     try:
         with zipfile.ZipFile(path) as archive:
-            changed = archive.testzip()  # the first record whose CRC-32 differs, or None
-        if changed is None:
+            damaged = archive.testzip()  # the first record whose CRC-32 differs, or None
+        if damaged is None:
             state = torch.load(path, map_location=args.device, weights_only=True)
     except Exception as e:
         raise UserError(f"--resume: could not read {path} ({one_line(e)[:300]}): "
                         f"{fallback}") from None
-    if changed is not None:
-        raise UserError(f"--resume: {path} has changed since it was saved (its checksum "
-                        f"differs), and is not used: {fallback}")
+    if damaged is not None:
+        raise UserError(f"--resume: {path} is damaged (the CRC-32 of its {damaged} differs), "
+                        f"and is not used: {fallback}")
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
         raise UserError(f"--resume: {path} was saved by another version of lgtm.py: resume "
                         f"with that version, or {fallback}")
@@ -1924,8 +1924,8 @@ def stopped(run, error):
     status = str(error)  # a UserError's
     if isinstance(error, OSError):
         status = f"stopped: could not write ({one_line(error)})"
-    own = isinstance(error, torch.OutOfMemoryError)  # this process's alone: it says so itself
-    if own:
+    out_of_memory = isinstance(error, torch.OutOfMemoryError)  # this process's: it says so
+    if out_of_memory:
         where = f" on process {rank()}" if distributed() else ""
         status = (f"stopped: out of memory{where} ({one_line(error)[:200]}): lower "
                   f"--eval-batch-size if it ran out evaluating (--resume takes it), else raise "
@@ -1937,6 +1937,8 @@ def stopped(run, error):
         code = EXIT_CODES.get(interrupt_cause(error), 130)
     with contextlib.suppress(OSError):
         run.save(status=status)
+    if rank() > 0:  # what the run left, rank 0 says
+        return UserError(status, code, any_process=out_of_memory)
     best = run.metrics["best"]
     remains = "no student was saved (no evaluation had finished)"
     if best is not None:
@@ -1945,7 +1947,8 @@ def stopped(run, error):
         remains += f"; --resume continues from {run.dir / STATE}"
     if (run.dir / PREVIOUS).is_dir():
         remains += f"; the run it replaced is in {run.dir / PREVIOUS}"
-    return UserError(f"{status}. {run.dir}/metrics.json keeps the history; {remains}", code, own)
+    message = f"{status}. {run.dir}/metrics.json keeps the history; {remains}"
+    return UserError(message, code, any_process=out_of_memory)
 
 
 if __name__ == "__main__":

@@ -64,8 +64,8 @@ What they prove:
   (10 times) and of a plain run ends bit for bit as the job never stopped; a torn log line, a
   log edited since the state (cut back to whole lines), a full disk inside torch.save, a folder
   turned read-only, a kill in the first save, a damaged or foreign state.pt, a full disk while a
-  better student is saved (the last best stays whole) and a step out of GPU memory (under
-  torchrun, said by the process that ran out) each end in one line and leave a run that
+  better student is saved (the last best stays whole) and a step out of GPU memory each end in
+  one line (under torchrun, one more from the process that ran out) and leave a run that
   continues or says how; --resume compares what each process was given; --overwrite keeps the
   old run until the new one saves a state; a failed start makes no folder; a mistyped flag gets
   one line, from rank 0 alone;
@@ -2711,6 +2711,10 @@ def ctrl_c():
     raise KeyboardInterrupt
 
 
+def out_of_memory():
+    raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+
 def run_folder(out):
     """What a finished run leaves that a resumed one must reproduce: the log, the history and
     the best student, each step's influence_aux_ratio (in the last state) and their summary, and
@@ -2927,7 +2931,7 @@ def test_resume_refuses_a_changed_state_or_another_versions_in_one_line(model_di
     torch.save(state, path)
     foreign = path.read_bytes()
     resume = cli(model_dir, out, *RESUMABLE, "--resume")
-    cases = {flipped: f"{path} has changed since it was saved (its checksum differs)",
+    cases = {flipped: f"{path} is damaged (the CRC-32 of its ",
              good[:len(good) // 3]: f"could not read {path}",
              foreign: f"{path} was saved by another version of lgtm.py"}
     for content, needle in cases.items():
@@ -2940,10 +2944,10 @@ def test_resume_refuses_a_changed_state_or_another_versions_in_one_line(model_di
 
 
 
-def resumable_worker(argv, stop_call, out_of_memory=False):
-    """Run by each process of a torchrun job: the command line, rank 1 alone sending itself
-    SIGTERM at its stop_call-th batch (0: never), or running out of memory there. Each process
-    leaves its pid in the run's parent folder."""
+def resumable_worker(argv, stop_call, stop=sigterm):
+    """Run by each process of a torchrun job: the command line, rank 1 alone calling stop (a
+    SIGTERM to itself) at its stop_call-th batch (0: never). Each process leaves its pid in the
+    run's parent folder."""
     out = Path(argv[argv.index("--output-dir") + 1])
     (out.parent / f"pid-{os.environ['RANK']}").write_text(str(os.getpid()))
     if int(os.environ["RANK"]) == 1 and stop_call:
@@ -2952,10 +2956,8 @@ def resumable_worker(argv, stop_call, out_of_memory=False):
 
         def share(*args, **kwargs):
             calls.append(1)
-            if len(calls) == stop_call and out_of_memory:
-                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
             if len(calls) == stop_call:
-                os.kill(os.getpid(), signal.SIGTERM)
+                stop()
             return real_share(*args, **kwargs)
 
         lgtm.share = share
@@ -3054,8 +3056,8 @@ def assert_stopped_where_it_says(out, ctrl_c):
 
 @pytest.fixture
 def ctrl_c_reaches_children():
-    """SIGINT as a terminal gives it. Tests started in the background of a shell (`pytest &`)
-    ignore it, and so would the runs they start, which a Ctrl-C then could not stop."""
+    """Runs that can take a Ctrl-C. pytest started in the background by a script (`pytest &`
+    without job control) ignores SIGINT, and the runs it starts would ignore it too."""
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     yield
     signal.signal(signal.SIGINT, previous)
@@ -3158,12 +3160,13 @@ def test_a_torchrun_job_whose_other_process_is_killed_says_so_in_one_line(model_
 
 def test_a_torchrun_job_out_of_memory_on_one_process_says_which_in_its_own_line(model_dir,
                                                                                 tmp_path):
-    """Rank 1 alone runs out of memory in stage 2's step 3: it says so itself, naming its
-    process and the flags that take less (rank 0 would not know why); rank 0, whose collective
-    is cut short, says what metrics.json says."""
+    """Rank 1 alone runs out of memory at its third batch (stage 2's step 2): it says so
+    itself, naming its process and the flags that take less (rank 0 cannot know why); rank 0,
+    whose collective is cut short, says what metrics.json says and what the run left."""
     worker = tmp_path / "worker.py"
     worker.write_text("import json, sys\nimport test_lgtm\n"
-                      "test_lgtm.resumable_worker(json.loads(sys.argv[1]), 3, True)\n")
+                      "test_lgtm.resumable_worker(json.loads(sys.argv[1]), 3, "
+                      "test_lgtm.out_of_memory)\n")
     out = tmp_path / "run"
     argv = cli(model_dir, out, "--max-steps", "8", "--eval-steps", "2")
     job = subprocess.run(torchrun(str(worker), json.dumps(argv)), capture_output=True, text=True,
@@ -3176,8 +3179,10 @@ def test_a_torchrun_job_out_of_memory_on_one_process_says_which_in_its_own_line(
     assert ours[0].startswith("error: stopped: out of memory on process 1 (OutOfMemoryError: "
                               "CUDA out of memory. Tried to allocate 2.00 GiB): lower "
                               "--eval-batch-size")
+    assert "metrics.json keeps the history" not in ours[0]
     errors.remove(ours[0])
     assert errors[0].startswith(f"error: {read_metrics(out)['status']}")
+    assert "metrics.json keeps the history" in errors[0]
 
 
 def test_resume_refuses_other_flags_and_a_folder_without_a_state(model_dir, tmp_path, capsys,
@@ -3273,9 +3278,6 @@ def test_a_step_out_of_memory_stops_in_one_line_naming_the_flags_that_take_less(
                                                                                monkeypatch):
     """CUDA's out-of-memory error in step 5 (raised here on the CPU): one line says so and names
     the flags that take less memory, metrics.json says so, and step 3's state stays to resume."""
-    def out_of_memory():
-        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-
     stop_at_share(monkeypatch, 9, out_of_memory)  # step 5's batch
     out = tmp_path / "run"
     assert_one_clear_error(run_in_process(cli(model_dir, out, *RESUMABLE), capsys),
