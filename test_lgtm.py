@@ -2915,7 +2915,7 @@ def tensor_data_offset(path):
     return entry.header_offset + 30 + name_length + extra_length
 
 
-def test_resume_refuses_a_changed_state_or_another_versions_in_one_line(model_dir, tmp_path,
+def test_resume_refuses_a_damaged_state_or_another_versions_in_one_line(model_dir, tmp_path,
                                                                         capsys, monkeypatch):
     """64 bytes flipped in a tensor of state.pt, a file cut short, a state without this
     version's format: each refused in one line naming the file and what is left (the best
