@@ -1730,7 +1730,7 @@ def cannot_write(out, reason):
 
 
 def saved_state(args):
-    """The state --resume continues from: unchanged (each record's CRC-32, which torch.save
+    """The state --resume continues from: undamaged (each record's CRC-32, which torch.save
     writes and torch.load does not check), this version's, the same flags."""
     path = args.output_dir / STATE
     fallback = (f"the best student so far is in {args.output_dir / 'student'}; --overwrite "
