@@ -2951,16 +2951,7 @@ def resumable_worker(argv, stop_call, stop=sigterm):
     out = Path(argv[argv.index("--output-dir") + 1])
     (out.parent / f"pid-{os.environ['RANK']}").write_text(str(os.getpid()))
     if int(os.environ["RANK"]) == 1 and stop_call:
-        real_share = lgtm.share
-        calls = []
-
-        def share(*args, **kwargs):
-            calls.append(1)
-            if len(calls) == stop_call:
-                stop()
-            return real_share(*args, **kwargs)
-
-        lgtm.share = share
+        stop_at_share(pytest.MonkeyPatch(), stop_call, stop)  # for the process's life
     lgtm.main(argv)
 
 
